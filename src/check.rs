@@ -1,0 +1,305 @@
+//! Step-by-step checks of a server and credentials (DNS, TCP, TLS, gate, Immich), each failing
+//! with its own precise error: used by `login` to verify and by diagnostics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::ServerUrl;
+use crate::gate::{self, Verdict};
+
+/// The Immich endpoint that answers `{"res":"pong"}` without Immich authentication.
+pub const PING_PATH: &str = "/api/server/ping";
+
+/// The largest response body a check reads.
+const MAX_CHECK_BODY: usize = 64 * 1024;
+
+/// One failed check, saying precisely which step failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The host name did not resolve.
+    #[error("cannot resolve {host}: {detail}; check the server name and this machine's DNS")]
+    Dns {
+        /// The host looked up.
+        host: String,
+        /// The resolver's message.
+        detail: String,
+    },
+    /// No TCP connection could be opened.
+    #[error(
+        "cannot connect to {server} ({addrs}): {detail}; check that the server is up and reachable"
+    )]
+    Connect {
+        /// The server.
+        server: String,
+        /// The addresses tried.
+        addrs: String,
+        /// The last error.
+        detail: String,
+    },
+    /// The TLS handshake failed.
+    #[error(
+        "TLS handshake with {server} failed: {detail}; if the server uses a private or self-signed CA, pass --ca-cert FILE with that CA"
+    )]
+    Tls {
+        /// The server.
+        server: String,
+        /// What rustls said.
+        detail: String,
+    },
+    /// A step took longer than its timeout.
+    #[error(
+        "{step} with {server} timed out after {secs} s; check that the server is up and reachable"
+    )]
+    Timeout {
+        /// Which step.
+        step: &'static str,
+        /// The server.
+        server: String,
+        /// The timeout.
+        secs: u64,
+    },
+    /// The HTTP exchange itself failed.
+    #[error("the HTTP request to {server} failed: {detail}")]
+    Http {
+        /// The server.
+        server: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The Authentik gate did not accept the credentials.
+    #[error("Authentik did not accept the credentials of '{username}' at {server}: {explain}")]
+    Rejected {
+        /// The server.
+        server: String,
+        /// The username sent.
+        username: String,
+        /// The verdict's explanation.
+        explain: &'static str,
+    },
+    /// Something answered, but not Immich's ping.
+    #[error(
+        "{server} answered {PING_PATH} with HTTP {status} ({content_type}) instead of Immich's {{\"res\":\"pong\"}}: is this the Immich host behind Authentik?"
+    )]
+    NotImmich {
+        /// The server.
+        server: String,
+        /// The status received.
+        status: u16,
+        /// The content type received.
+        content_type: String,
+    },
+}
+
+/// A response read during a check: head and a bounded body.
+#[derive(Debug)]
+pub struct CheckResponse {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// Up to 64 KiB of the body.
+    pub body: Bytes,
+}
+
+/// Runs checks against one server with one TLS configuration.
+#[derive(Clone)]
+pub struct Checker {
+    server: ServerUrl,
+    tls: Arc<ClientConfig>,
+    timeout: Duration,
+}
+
+impl Checker {
+    /// A checker for `server`, trusting what `tls` trusts, with a per-step timeout.
+    pub fn new(server: ServerUrl, tls: Arc<ClientConfig>, timeout: Duration) -> Self {
+        Self {
+            server,
+            tls,
+            timeout,
+        }
+    }
+
+    async fn step<T>(
+        &self,
+        step: &'static str,
+        fut: impl Future<Output = Result<T, CheckError>>,
+    ) -> Result<T, CheckError> {
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| CheckError::Timeout {
+                step,
+                server: self.server.to_string(),
+                secs: self.timeout.as_secs(),
+            })?
+    }
+
+    /// Resolves the server's host name.
+    pub async fn resolve(&self) -> Result<Vec<SocketAddr>, CheckError> {
+        let host = self.server.host().to_owned();
+        let port = self.server.port();
+        self.step("DNS lookup", async {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|e| CheckError::Dns {
+                    host: host.clone(),
+                    detail: e.to_string(),
+                })?
+                .collect();
+            if addrs.is_empty() {
+                return Err(CheckError::Dns {
+                    host,
+                    detail: "no addresses".to_owned(),
+                });
+            }
+            Ok(addrs)
+        })
+        .await
+    }
+
+    /// Opens a TCP connection to the first address that accepts.
+    pub async fn connect(&self, addrs: &[SocketAddr]) -> Result<TcpStream, CheckError> {
+        self.step("TCP connect", async {
+            let mut last = String::from("no address to try");
+            for addr in addrs {
+                match TcpStream::connect(addr).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(CheckError::Connect {
+                server: self.server.to_string(),
+                addrs: addrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                detail: last,
+            })
+        })
+        .await
+    }
+
+    /// Performs the TLS handshake, verifying the certificate against the configured trust.
+    pub async fn handshake(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, CheckError> {
+        let name =
+            ServerName::try_from(self.server.host().to_owned()).map_err(|e| CheckError::Tls {
+                server: self.server.to_string(),
+                detail: e.to_string(),
+            })?;
+        let connector = TlsConnector::from(self.tls.clone());
+        self.step("TLS handshake", async {
+            connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| CheckError::Tls {
+                    server: self.server.to_string(),
+                    detail: e
+                        .get_ref()
+                        .map_or_else(|| e.to_string(), ToString::to_string),
+                })
+        })
+        .await
+    }
+
+    /// Connects afresh and sends `GET path`, with `authorization` if given.
+    pub async fn get(
+        &self,
+        path: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<CheckResponse, CheckError> {
+        let addrs = self.resolve().await?;
+        let tcp = self.connect(&addrs).await?;
+        let tls = self.handshake(tcp).await?;
+        let http_err = |e: &dyn std::fmt::Display| CheckError::Http {
+            server: self.server.to_string(),
+            detail: e.to_string(),
+        };
+        self.step("HTTP request", async {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| http_err(&e))?;
+            let driver = tokio::spawn(conn);
+            let mut request = Request::get(path)
+                .header(header::HOST, self.server.authority().as_str())
+                .header(
+                    header::USER_AGENT,
+                    concat!("credproxy/", env!("CARGO_PKG_VERSION")),
+                )
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| http_err(&e))?;
+            if let Some(auth) = authorization {
+                request
+                    .headers_mut()
+                    .insert(header::AUTHORIZATION, auth.clone());
+            }
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| http_err(&e))?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_CHECK_BODY)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            driver.abort();
+            Ok(CheckResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        })
+        .await
+    }
+
+    /// Checks that the gate accepts `authorization` and Immich answers its ping behind it.
+    pub async fn verify_credentials(
+        &self,
+        username: &str,
+        authorization: &HeaderValue,
+    ) -> Result<(), CheckError> {
+        let response = self.get(PING_PATH, Some(authorization)).await?;
+        match gate::classify(response.status, &response.headers) {
+            Verdict::Passed => {}
+            verdict => {
+                return Err(CheckError::Rejected {
+                    server: self.server.to_string(),
+                    username: username.to_owned(),
+                    explain: verdict.explain(),
+                });
+            }
+        }
+        if is_pong(&response) {
+            Ok(())
+        } else {
+            Err(CheckError::NotImmich {
+                server: self.server.to_string(),
+                status: response.status.as_u16(),
+                content_type: response
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("no content type")
+                    .to_owned(),
+            })
+        }
+    }
+}
+
+/// True when a response is Immich's `{"res":"pong"}`.
+pub fn is_pong(response: &CheckResponse) -> bool {
+    response.status == StatusCode::OK
+        && serde_json::from_slice::<serde_json::Value>(&response.body)
+            .is_ok_and(|v| v.get("res").and_then(|r| r.as_str()) == Some("pong"))
+}

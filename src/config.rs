@@ -1,0 +1,422 @@
+//! Validated settings: profiles in a TOML file (non-secret only), built once from CLI + file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use http::uri::{Authority, Scheme, Uri};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The profile used when none is named.
+pub const DEFAULT_PROFILE: &str = "default";
+
+/// Immich's own default port on loopback, so clients keep their usual URL.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 2283);
+
+/// The config file as stored: a table of profiles, no secrets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Profiles by name.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileEntry>,
+}
+
+/// One profile as stored in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileEntry {
+    /// The Authentik-fronted Immich URL, e.g. `https://immich.example.com`.
+    pub server: String,
+    /// The Authentik service account's username.
+    pub username: String,
+    /// Where `serve` listens, e.g. `127.0.0.1:2283`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// An extra CA certificate (PEM) to trust for this server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// A profile after validation: everything the rest of the code needs, in checked form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// The profile's name (also the keyring account).
+    pub name: String,
+    /// The one upstream this profile talks to.
+    pub server: ServerUrl,
+    /// The Authentik username sent in Basic credentials.
+    pub username: String,
+    /// The listen address for `serve`.
+    pub listen: SocketAddr,
+    /// An extra CA certificate to trust.
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl Profile {
+    /// Validates a stored profile entry.
+    pub fn from_entry(name: &str, entry: &ProfileEntry) -> Result<Self> {
+        Ok(Self {
+            name: validate_profile_name(name)?,
+            server: ServerUrl::parse(&entry.server)?,
+            username: validate_username(&entry.username)?,
+            listen: match &entry.listen {
+                Some(listen) => parse_listen(listen)?,
+                None => DEFAULT_LISTEN,
+            },
+            ca_cert: entry.ca_cert.clone(),
+        })
+    }
+
+    /// The entry to store for this profile.
+    pub fn to_entry(&self) -> ProfileEntry {
+        ProfileEntry {
+            server: self.server.to_string(),
+            username: self.username.clone(),
+            listen: (self.listen != DEFAULT_LISTEN).then(|| self.listen.to_string()),
+            ca_cert: self.ca_cert.clone(),
+        }
+    }
+}
+
+/// An `https://host[:port]` origin: the single upstream a profile is pinned to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrl {
+    authority: Authority,
+    host: String,
+    port: u16,
+}
+
+impl ServerUrl {
+    /// Parses and checks a server URL: https only, no credentials, path or query.
+    pub fn parse(input: &str) -> Result<Self> {
+        let shown = redact_userinfo(input);
+        let invalid = |reason: &str| Error::Invalid {
+            what: "server URL",
+            reason: format!("'{shown}' {reason}; expected e.g. https://immich.example.com"),
+        };
+        let uri: Uri = input.trim().parse().map_err(|_| invalid("is not a URL"))?;
+        match uri.scheme() {
+            Some(s) if *s == Scheme::HTTPS => {}
+            Some(_) => {
+                return Err(invalid(
+                    "is not https: the credentials would travel in plain text",
+                ));
+            }
+            None => return Err(invalid("has no scheme")),
+        }
+        let authority = uri.authority().ok_or_else(|| invalid("has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(invalid(
+                "contains credentials: give the username with --username, the password at the prompt",
+            ));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(invalid(
+                "has a path or query: the proxy forwards whole paths to the server's root",
+            ));
+        }
+        let host = authority
+            .host()
+            .trim_matches(['[', ']'])
+            .to_ascii_lowercase();
+        if host.is_empty() {
+            return Err(invalid("has no host"));
+        }
+        let port = authority.port_u16().unwrap_or(443);
+        let authority = if port == 443 {
+            authority_for(&host, None)
+        } else {
+            authority_for(&host, Some(port))
+        }
+        .ok_or_else(|| invalid("has an invalid host"))?;
+        Ok(Self {
+            authority,
+            host,
+            port,
+        })
+    }
+
+    /// The authority (`host[:port]`) used for `Host` and the request URI.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The host name or address, without brackets: the TLS server name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// The URL with any `user:password@` part replaced, so errors can quote it safely.
+fn redact_userinfo(input: &str) -> String {
+    let start = input.find("://").map_or(0, |i| i + 3);
+    let end = input[start..]
+        .find(['/', '?', '#'])
+        .map_or(input.len(), |i| start + i);
+    match input[start..end].rfind('@') {
+        Some(at) => format!("{}***@{}", &input[..start], &input[start + at + 1..]),
+        None => input.to_owned(),
+    }
+}
+
+fn authority_for(host: &str, port: Option<u16>) -> Option<Authority> {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let text = match port {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    };
+    text.parse().ok()
+}
+
+impl fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "https://{}", self.authority)
+    }
+}
+
+/// Checks a profile name: it names a keyring entry and appears in commands.
+pub fn validate_profile_name(name: &str) -> Result<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(name.to_owned())
+    } else {
+        Err(Error::Invalid {
+            what: "profile name",
+            reason: format!("'{name}': use 1 to 64 letters, digits, '-', '_' or '.'"),
+        })
+    }
+}
+
+/// Checks an Authentik username for use in Basic credentials.
+pub fn validate_username(name: &str) -> Result<String> {
+    if name.is_empty() || name.contains(':') || name.chars().any(char::is_control) {
+        return Err(Error::Invalid {
+            what: "username",
+            reason:
+                "it must be the Authentik username: not empty, no ':' and no control characters"
+                    .to_owned(),
+        });
+    }
+    Ok(name.to_owned())
+}
+
+/// Parses a listen address; `localhost:PORT` means `127.0.0.1:PORT`.
+pub fn parse_listen(input: &str) -> Result<SocketAddr> {
+    let trimmed = input.trim();
+    let parsed = match trimmed.strip_prefix("localhost:") {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .map(|port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+        None => trimmed.parse().ok(),
+    };
+    parsed.ok_or_else(|| Error::Invalid {
+        what: "listen address",
+        reason: format!("'{input}': expected ADDR:PORT such as 127.0.0.1:2283 or [::1]:2283"),
+    })
+}
+
+/// Refuses a non-loopback address unless the caller explicitly allowed remote clients.
+pub fn check_loopback(addr: SocketAddr, allow_remote: bool) -> Result<()> {
+    if addr.ip().is_loopback() || allow_remote {
+        Ok(())
+    } else {
+        Err(Error::NonLoopback { addr })
+    }
+}
+
+/// The config file on disk: where it is and how to read and write it.
+#[derive(Debug, Clone)]
+pub struct ConfigStore {
+    path: PathBuf,
+}
+
+impl ConfigStore {
+    /// Uses the given file, or the platform default (`$XDG_CONFIG_HOME/credproxy/config.toml`).
+    pub fn locate(explicit: Option<PathBuf>) -> Result<Self> {
+        let path = match explicit {
+            Some(path) => path,
+            None => dirs::config_dir()
+                .ok_or(Error::NoConfigDir)?
+                .join("credproxy")
+                .join("config.toml"),
+        };
+        Ok(Self { path })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the file; a file that does not exist yet is an empty config.
+    pub fn load(&self) -> Result<ConfigFile> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ConfigFile::default()),
+            Err(source) => {
+                return Err(Error::ConfigRead {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        toml::from_str(&text).map_err(|e| Error::ConfigParse {
+            path: self.path.clone(),
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// Loads and validates one profile.
+    pub fn profile(&self, name: &str) -> Result<Profile> {
+        let file = self.load()?;
+        let entry = file
+            .profiles
+            .get(name)
+            .ok_or_else(|| Error::UnknownProfile {
+                profile: name.to_owned(),
+                path: self.path.clone(),
+            })?;
+        Profile::from_entry(name, entry)
+    }
+
+    /// Writes the file atomically (temporary file, then rename), readable by the owner only.
+    pub fn save(&self, file: &ConfigFile) -> Result<()> {
+        let write_err = |source| Error::ConfigWrite {
+            path: self.path.clone(),
+            source,
+        };
+        let text = toml::to_string_pretty(file)
+            .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
+        let dir = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir).map_err(write_err)?;
+        let tmp = dir.join(format!(
+            ".{}.tmp{}",
+            self.path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "config".into()),
+            std::process::id()
+        ));
+        let result = (|| {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut out = options.open(&tmp)?;
+            out.write_all(b"# credproxy settings; secrets live in the OS keyring, never here.\n")?;
+            out.write_all(text.as_bytes())?;
+            out.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_url_accepts_https_origins_only() {
+        let url = ServerUrl::parse("https://Immich.Example.com/").unwrap();
+        assert_eq!(url.to_string(), "https://immich.example.com");
+        assert_eq!(url.host(), "immich.example.com");
+        assert_eq!(url.port(), 443);
+        let url = ServerUrl::parse("https://photos.lan:8443").unwrap();
+        assert_eq!(url.authority().as_str(), "photos.lan:8443");
+        let url = ServerUrl::parse("https://[::1]:9443").unwrap();
+        assert_eq!(url.host(), "::1");
+        assert_eq!(url.authority().as_str(), "[::1]:9443");
+        for bad in [
+            "http://immich.example.com",
+            "immich.example.com",
+            "https://user:pw@immich.example.com",
+            "https://immich.example.com/immich",
+            "https://immich.example.com/?a=b",
+            "not a url",
+        ] {
+            let err = ServerUrl::parse(bad).unwrap_err();
+            assert!(err.is_usage(), "{bad}: {err}");
+            assert!(!err.to_string().contains("pw@"), "{err}");
+        }
+    }
+
+    #[test]
+    fn usernames_and_profile_names_are_checked() {
+        assert!(validate_username("svc-laptop").is_ok());
+        assert!(validate_username("a:b").is_err());
+        assert!(validate_username("").is_err());
+        assert!(validate_profile_name("work.laptop-2").is_ok());
+        assert!(validate_profile_name("../etc").is_err());
+        assert!(validate_profile_name("").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_and_loopback_rule() {
+        assert_eq!(
+            parse_listen("localhost:80").unwrap().to_string(),
+            "127.0.0.1:80"
+        );
+        assert_eq!(
+            parse_listen("[::1]:2283").unwrap().to_string(),
+            "[::1]:2283"
+        );
+        assert!(parse_listen("2283").is_err());
+        assert!(check_loopback(parse_listen("127.0.0.2:1").unwrap(), false).is_ok());
+        let remote = parse_listen("0.0.0.0:2283").unwrap();
+        assert!(matches!(
+            check_loopback(remote, false),
+            Err(Error::NonLoopback { .. })
+        ));
+        assert!(check_loopback(remote, true).is_ok());
+    }
+
+    #[test]
+    fn config_round_trips_through_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConfigStore::locate(Some(dir.path().join("sub/config.toml"))).unwrap();
+        assert_eq!(store.load().unwrap(), ConfigFile::default());
+        let profile = Profile {
+            name: "work".into(),
+            server: ServerUrl::parse("https://immich.example.com").unwrap(),
+            username: "svc".into(),
+            listen: parse_listen("127.0.0.1:3000").unwrap(),
+            ca_cert: Some("/etc/ca.pem".into()),
+        };
+        let mut file = ConfigFile::default();
+        file.profiles.insert("work".into(), profile.to_entry());
+        store.save(&file).unwrap();
+        assert_eq!(store.profile("work").unwrap(), profile);
+        assert!(matches!(
+            store.profile("home"),
+            Err(Error::UnknownProfile { .. })
+        ));
+        std::fs::write(store.path(), "profiles = 3").unwrap();
+        assert!(matches!(store.load(), Err(Error::ConfigParse { .. })));
+    }
+}

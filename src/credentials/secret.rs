@@ -1,0 +1,58 @@
+//! The one type that holds a secret: redacted when printed, zeroized when dropped.
+
+use std::fmt;
+
+use zeroize::Zeroizing;
+
+/// A secret string (an app password or token) that never prints and is wiped on drop.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    /// Wraps a secret value; the caller's copy should be dropped promptly.
+    pub fn new(value: String) -> Self {
+        Self(Zeroizing::new(value))
+    }
+
+    /// Returns the secret itself, for the few places that must send or store it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when the secret holds no characters.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self::new(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_never_show_the_value() {
+        let secret = Secret::new("hunter2-app-password".to_owned());
+        assert!(!format!("{secret:?}").contains("hunter2"));
+        assert!(!format!("{secret}").contains("hunter2"));
+        assert!(!format!("{:?}", Some(&secret)).contains("hunter2"));
+        assert_eq!(secret.expose(), "hunter2-app-password");
+    }
+}

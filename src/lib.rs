@@ -1,0 +1,33 @@
+//! credproxy: a loopback proxy that adds Authentik credentials from the OS keyring to every
+//! request for an Authentik-fronted Immich server, streaming everything.
+//!
+//! # Layout
+//!
+//! - [`cli`]: clap types only; the binary parses them and hands them to [`app`].
+//! - [`app`]: the commands (`login`, `serve`, `logout`, `profiles`), validate-then-run.
+//! - [`config`]: validated settings and the TOML profile file (never secrets).
+//! - [`credentials`]: the [`Secret`](credentials::Secret) type, the store trait, the OS
+//!   keyring store and an in-memory store.
+//! - [`upstream`]: TLS trust as a value and the pooled HTTPS client (rustls, ring).
+//! - [`proxy`]: pure request/response rewriting and the per-request service.
+//! - [`gate`]: recognising the Authentik outpost's redirects and rejections.
+//! - [`body`]: streaming body wrapper (byte counts, idle timeout) and the per-request log.
+//! - [`server`]: the accept loop over an already-bound listener with a shutdown future.
+//! - [`check`]: step-by-step checks (DNS, TCP, TLS, gate, Immich) with precise errors.
+//! - [`demo`]: a local stand-in for a gated Immich host and the `demo` command.
+//! - [`error`]: the core error type.
+
+pub mod app;
+pub mod body;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod credentials;
+pub mod demo;
+pub mod error;
+pub mod gate;
+pub mod proxy;
+pub mod server;
+pub mod upstream;
+
+pub use error::{Error, Result};

@@ -1,0 +1,696 @@
+//! Request and response rewriting (pure, unit-tested) and the per-request proxy service.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+
+use crate::body::{Direction, Exchange, Full, ResponseBody, Stats, Tracked};
+use crate::config::ServerUrl;
+use crate::credentials::Secret;
+use crate::error::Result;
+use crate::gate::{self, Verdict};
+use crate::upstream::{self, ClientOptions, FailureKind, HttpsClient, TlsTrust};
+
+/// Immich's header for a user session token: where a client's own Bearer token goes.
+pub const IMMICH_USER_TOKEN: HeaderName = HeaderName::from_static("x-immich-user-token");
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1, plus de-facto ones).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Where requests go: the pinned upstream origin.
+#[derive(Debug, Clone)]
+pub struct Target {
+    authority: Authority,
+    host: HeaderValue,
+}
+
+impl Target {
+    /// The target for a validated server URL.
+    pub fn new(server: &ServerUrl) -> Self {
+        let authority = server.authority().clone();
+        let host = HeaderValue::from_str(authority.as_str())
+            .expect("a parsed authority is a valid header value");
+        Self { authority, host }
+    }
+}
+
+/// Builds `Authorization: Basic base64(username:password)`, marked sensitive.
+pub fn basic_auth(username: &str, password: &Secret) -> HeaderValue {
+    let joined = zeroize::Zeroizing::new(format!("{username}:{}", password.expose()));
+    let encoded = zeroize::Zeroizing::new(
+        base64::engine::general_purpose::STANDARD.encode(joined.as_bytes()),
+    );
+    let mut value = HeaderValue::from_str(&format!("Basic {}", encoded.as_str()))
+        .expect("base64 text is a valid header value");
+    value.set_sensitive(true);
+    value
+}
+
+/// Removes hop-by-hop headers: the fixed set and every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade: X`), if any.
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let connection_says_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if connection_says_upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Why a request cannot be forwarded at all.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RewriteError {
+    /// CONNECT asks for a tunnel to anywhere: never offered.
+    #[error("CONNECT is not supported: this proxy forwards to one fixed server")]
+    Connect,
+    /// The request target cannot be expressed against the upstream.
+    #[error("the request target cannot be forwarded")]
+    BadTarget,
+}
+
+/// Rewrites a client request's head into the upstream request's head.
+///
+/// Path and query stay unchanged; scheme, authority and `Host` become the upstream's;
+/// hop-by-hop headers go; a client's `Authorization: Bearer T` moves to
+/// `x-immich-user-token` (Immich reads it there), any other client credential is dropped,
+/// and `auth` is set. Upgrade requests keep `Connection: upgrade` and `Upgrade`.
+pub fn rewrite_request(
+    parts: &mut http::request::Parts,
+    target: &Target,
+    auth: &HeaderValue,
+) -> Result<(), RewriteError> {
+    if parts.method == Method::CONNECT {
+        return Err(RewriteError::Connect);
+    }
+    let path_and_query = match parts.uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+        None => http::uri::PathAndQuery::from_static("/"),
+        Some(_) => return Err(RewriteError::BadTarget),
+    };
+    parts.uri = Uri::builder()
+        .scheme(Scheme::HTTPS)
+        .authority(target.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| RewriteError::BadTarget)?;
+    parts.version = Version::HTTP_11;
+
+    let headers = &mut parts.headers;
+    let upgrade = upgrade_protocol(headers);
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| bearer_token(v.as_bytes()))
+        .and_then(|t| HeaderValue::from_bytes(t).ok());
+    strip_hop_by_hop(headers);
+    headers.remove(header::AUTHORIZATION);
+    if let Some(mut token) = bearer
+        && !headers.contains_key(&IMMICH_USER_TOKEN)
+    {
+        token.set_sensitive(true);
+        headers.insert(IMMICH_USER_TOKEN, token);
+    }
+    headers.insert(header::AUTHORIZATION, auth.clone());
+    headers.insert(header::HOST, target.host.clone());
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+    Ok(())
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value (scheme matched case-insensitively).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Rewrites an upstream response's head for the client: hop-by-hop headers go, except the
+/// `Connection`/`Upgrade` pair of a successful protocol switch.
+pub fn rewrite_response(parts: &mut http::response::Parts) {
+    let upgrade = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| parts.headers.get(header::UPGRADE).cloned())
+        .flatten();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol);
+    }
+}
+
+/// Everything a proxy for one profile needs, apart from the secret.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// The profile name, for messages and suggested commands.
+    pub profile: String,
+    /// The upstream.
+    pub server: ServerUrl,
+    /// The Authentik username.
+    pub username: String,
+    /// Which upstream certificates to trust.
+    pub trust: TlsTrust,
+    /// Upstream client timeouts and pool.
+    pub client: ClientOptions,
+    /// How long a body may stall, either way, before the transfer is abandoned.
+    pub idle_timeout: Duration,
+}
+
+/// The first back-off after the gate rejects the credentials; doubles up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest back-off between attempts with rejected credentials.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// The per-request service: rewrites, forwards, streams back.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: ProxySettings,
+    target: Target,
+    client: HttpsClient,
+    auth: HeaderValue,
+    backoff: Backoff,
+    stats: Arc<Stats>,
+}
+
+impl Proxy {
+    /// Builds the proxy: TLS client, pinned target and credentials.
+    pub fn new(settings: ProxySettings, password: &Secret) -> Result<Self> {
+        let client = upstream::build_client(&settings.trust, &settings.client)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                target: Target::new(&settings.server),
+                auth: basic_auth(&settings.username, password),
+                client,
+                settings,
+                backoff: Backoff::default(),
+                stats: Arc::new(Stats::default()),
+            }),
+        })
+    }
+
+    /// Totals across every exchange so far.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The settings this proxy runs with.
+    pub fn settings(&self) -> &ProxySettings {
+        &self.inner.settings
+    }
+
+    /// Handles one client request; never fails: problems become error responses.
+    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ResponseBody> {
+        let inner = &*self.inner;
+        let exchange = Arc::new(Exchange::new(
+            req.method().clone(),
+            req.uri().path(),
+            inner.stats.clone(),
+        ));
+        if let Some(remaining) = inner.backoff.active() {
+            return inner.rejection_response(&exchange, inner.backoff.verdict(), remaining);
+        }
+        let client_upgrade = upgrade_protocol(req.headers()).map(|_| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        if let Err(err) = rewrite_request(&mut parts, &inner.target, &inner.auth) {
+            return inner.error_response(
+                &exchange,
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                err.to_string(),
+                None,
+            );
+        }
+        let idle = Some(inner.settings.idle_timeout);
+        let body = Tracked::new(body, exchange.clone(), Direction::Up, idle);
+        let mut response = match inner.client.request(Request::from_parts(parts, body)).await {
+            Ok(response) => response,
+            Err(err) => return inner.upstream_failure(&exchange, &err),
+        };
+        match gate::classify(response.status(), response.headers()) {
+            Verdict::Passed => inner.backoff.clear(),
+            verdict => {
+                let remaining = inner.backoff.reject(verdict, &inner.settings);
+                return inner.rejection_response(&exchange, verdict, remaining);
+            }
+        }
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(bridge(client_upgrade, upstream_upgrade, exchange.clone()));
+        }
+        let (mut parts, body) = response.into_parts();
+        rewrite_response(&mut parts);
+        exchange.set_status(parts.status);
+        let body = Tracked::new(body, exchange, Direction::Down, idle);
+        Response::from_parts(parts, Either::Left(body))
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream.
+async fn bridge(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    exchange: Arc<Exchange>,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::debug!("upgrade failed: {err}");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => {
+            exchange.add(Direction::Up, up);
+            exchange.add(Direction::Down, down);
+        }
+        Err(err) => tracing::debug!("upgraded connection ended: {err}"),
+    }
+}
+
+impl Inner {
+    fn fix_command(&self) -> String {
+        format!(
+            "credproxy login --profile {} --server {} --username {}",
+            self.settings.profile, self.settings.server, self.settings.username
+        )
+    }
+
+    fn rejection_response(
+        &self,
+        exchange: &Exchange,
+        verdict: Verdict,
+        retry_after: Duration,
+    ) -> Response<ResponseBody> {
+        let secs = retry_after.as_secs().max(1);
+        let message = format!(
+            "{} for profile '{}' at {}; credproxy pauses sending them for {secs} s so Authentik is not flooded",
+            verdict.explain(),
+            self.settings.profile,
+            self.settings.server
+        );
+        let mut response = self.error_response(
+            exchange,
+            StatusCode::BAD_GATEWAY,
+            "credentials_rejected",
+            message,
+            Some(self.fix_command()),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        response
+    }
+
+    fn upstream_failure(
+        &self,
+        exchange: &Exchange,
+        err: &hyper_util::client::legacy::Error,
+    ) -> Response<ResponseBody> {
+        let (kind, detail) = upstream::describe_failure(err);
+        let server = &self.settings.server;
+        let (status, code, message, fix) = match kind {
+            FailureKind::Dns => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_dns",
+                format!("cannot resolve {}: {detail}", server.host()),
+                "check the server name and this machine's DNS".to_owned(),
+            ),
+            FailureKind::Connect => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unreachable",
+                format!("cannot connect to {server}: {detail}"),
+                "check that the server is up and reachable from this machine".to_owned(),
+            ),
+            FailureKind::Tls => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_tls",
+                format!("TLS with {server} failed: {detail}"),
+                format!(
+                    "if the server uses a private CA, log in again with --ca-cert: {}",
+                    self.fix_command()
+                ),
+            ),
+            FailureKind::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                format!("{server} did not answer in time: {detail}"),
+                "check that the server is up and reachable from this machine".to_owned(),
+            ),
+            FailureKind::Other => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                format!("the request to {server} failed: {detail}"),
+                "retry; if it persists, run `credproxy doctor`".to_owned(),
+            ),
+        };
+        tracing::warn!("{message}");
+        self.error_response(exchange, status, code, message, Some(fix))
+    }
+
+    fn error_response(
+        &self,
+        exchange: &Exchange,
+        status: StatusCode,
+        code: &str,
+        message: String,
+        fix: Option<String>,
+    ) -> Response<ResponseBody> {
+        exchange.set_status(status);
+        let body = serde_json::json!({
+            "error": code,
+            "message": message,
+            "profile": self.settings.profile,
+            "fix": fix,
+            "source": "credproxy",
+        });
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(Either::Right(Full::new(Bytes::from(body.to_string()))))
+            .expect("a static status and valid headers build a response")
+    }
+}
+
+/// Stops sending rejected credentials for a growing pause, so Authentik is not hammered
+/// (every failed Basic check costs it a token-endpoint call and may feed reputation policies).
+#[derive(Default)]
+struct Backoff {
+    state: Mutex<Option<Rejection>>,
+    active: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Clone, Copy)]
+struct Rejection {
+    until: Instant,
+    delay: Duration,
+    verdict: Verdict,
+}
+
+impl Backoff {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Rejection>> {
+        // The state is two plain values: a panic elsewhere cannot leave it half-written.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The time left in the current pause, if one is running.
+    fn active(&self) -> Option<Duration> {
+        if !self.active.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let now = Instant::now();
+        self.lock().filter(|r| r.until > now).map(|r| r.until - now)
+    }
+
+    fn verdict(&self) -> Verdict {
+        self.lock().map_or(Verdict::Rejected, |r| r.verdict)
+    }
+
+    /// Records a rejection and returns the pause now in force.
+    fn reject(&self, verdict: Verdict, settings: &ProxySettings) -> Duration {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if let Some(r) = *state
+            && r.until > now
+        {
+            // Requests already in flight when the pause began: same burst.
+            return r.until - now;
+        }
+        let delay = state.map_or(FIRST_BACKOFF, |r| (r.delay * 2).min(MAX_BACKOFF));
+        *state = Some(Rejection {
+            until: now + delay,
+            delay,
+            verdict,
+        });
+        self.active
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            "{} for profile '{}' at {}; not sending them again for {} s. Fix: credproxy login --profile {} --server {} --username {}",
+            verdict.explain(),
+            settings.profile,
+            settings.server,
+            delay.as_secs(),
+            settings.profile,
+            settings.server,
+            settings.username,
+        );
+        delay
+    }
+
+    /// Forgets any rejection: the gate accepted the credentials.
+    fn clear(&self) {
+        if self
+            .active
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            *self.lock() = None;
+            tracing::info!("the gate accepts the credentials again");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> Target {
+        Target::new(&ServerUrl::parse("https://immich.example.com").unwrap())
+    }
+
+    fn auth() -> HeaderValue {
+        basic_auth("svc", &Secret::new("app-pass".into()))
+    }
+
+    fn request(builder: http::request::Builder) -> http::request::Parts {
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn basic_auth_encodes_username_and_password() {
+        let value = auth();
+        assert_eq!(value.to_str().unwrap(), "Basic c3ZjOmFwcC1wYXNz");
+        assert!(value.is_sensitive());
+        assert!(!format!("{value:?}").contains("c3Zj"));
+    }
+
+    #[test]
+    fn rewrite_pins_upstream_and_keeps_path_and_query() {
+        let mut parts = request(
+            Request::get("http://127.0.0.1:2283/api/assets/x/original?size=preview&a=%2F")
+                .header("host", "127.0.0.1:2283"),
+        );
+        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        assert_eq!(
+            parts.uri.to_string(),
+            "https://immich.example.com/api/assets/x/original?size=preview&a=%2F"
+        );
+        assert_eq!(parts.headers["host"], "immich.example.com");
+        assert_eq!(parts.headers.get_all("authorization").iter().count(), 1);
+        assert_eq!(parts.headers["authorization"], auth());
+        assert_eq!(parts.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn rewrite_removes_hop_by_hop_and_connection_named_headers() {
+        let mut parts = request(
+            Request::post("/api/assets")
+                .header("connection", "keep-alive, x-private-hop")
+                .header("x-private-hop", "1")
+                .header("keep-alive", "timeout=5")
+                .header("proxy-authorization", "Basic bG9jYWw6eA==")
+                .header("te", "trailers")
+                .header("trailer", "x-checksum")
+                .header("transfer-encoding", "chunked")
+                .header("upgrade", "h2c")
+                .header("proxy-connection", "keep-alive")
+                .header("x-immich-checksum", "abc"),
+        );
+        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        for gone in [
+            "connection",
+            "x-private-hop",
+            "keep-alive",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-connection",
+        ] {
+            assert!(!parts.headers.contains_key(gone), "{gone} survived");
+        }
+        assert_eq!(parts.headers["x-immich-checksum"], "abc");
+    }
+
+    #[test]
+    fn client_bearer_moves_to_immich_user_token_and_other_auth_is_dropped() {
+        let mut parts =
+            request(Request::get("/api/users/me").header("authorization", "bearer tok123"));
+        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        assert_eq!(parts.headers[IMMICH_USER_TOKEN], "tok123");
+        assert_eq!(parts.headers["authorization"], auth());
+
+        let mut parts = request(
+            Request::get("/api/users/me")
+                .header("authorization", "Bearer new")
+                .header("x-immich-user-token", "existing"),
+        );
+        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        assert_eq!(parts.headers[IMMICH_USER_TOKEN], "existing");
+
+        let mut parts = request(
+            Request::get("/")
+                .header("authorization", "Basic Zm9vOmJhcg==")
+                .header("x-api-key", "k")
+                .header("cookie", "immich_access_token=t"),
+        );
+        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        assert!(!parts.headers.contains_key(IMMICH_USER_TOKEN));
+        assert_eq!(parts.headers["authorization"], auth());
+        assert_eq!(parts.headers["x-api-key"], "k");
+        assert_eq!(parts.headers["cookie"], "immich_access_token=t");
+    }
+
+    #[test]
+    fn websocket_upgrade_keeps_its_connection_pair() {
+        let mut parts = request(
+            Request::get("/api/socket.io/?EIO=4&transport=websocket")
+                .header("connection", "keep-alive, Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        assert_eq!(parts.headers["connection"], "upgrade");
+        assert_eq!(parts.headers["upgrade"], "websocket");
+        assert_eq!(
+            parts.headers["sec-websocket-key"],
+            "dGhlIHNhbXBsZSBub25jZQ=="
+        );
+    }
+
+    #[test]
+    fn connect_and_odd_targets_are_refused() {
+        let mut parts = request(Request::connect("evil.example:443"));
+        assert_eq!(
+            rewrite_request(&mut parts, &target(), &auth()),
+            Err(RewriteError::Connect)
+        );
+        let mut parts = request(Request::options("*"));
+        assert_eq!(
+            rewrite_request(&mut parts, &target(), &auth()),
+            Err(RewriteError::BadTarget)
+        );
+    }
+
+    #[test]
+    fn response_loses_hop_by_hop_but_switch_keeps_upgrade() {
+        let (mut parts, ()) = Response::builder()
+            .status(200)
+            .header("connection", "close, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("etag", "\"abc\"")
+            .body(())
+            .unwrap()
+            .into_parts();
+        rewrite_response(&mut parts);
+        assert!(!parts.headers.contains_key("connection"));
+        assert!(!parts.headers.contains_key("x-hop"));
+        assert!(!parts.headers.contains_key("keep-alive"));
+        assert_eq!(parts.headers["etag"], "\"abc\"");
+
+        let (mut parts, ()) = Response::builder()
+            .status(101)
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap()
+            .into_parts();
+        rewrite_response(&mut parts);
+        assert_eq!(parts.headers["upgrade"], "websocket");
+        assert_eq!(parts.headers["connection"], "upgrade");
+    }
+
+    fn settings() -> ProxySettings {
+        ProxySettings {
+            profile: "p".into(),
+            server: ServerUrl::parse("https://immich.example.com").unwrap(),
+            username: "svc".into(),
+            trust: TlsTrust::public(),
+            client: ClientOptions::default(),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_to_a_cap_and_clears_on_success() {
+        let backoff = Backoff::default();
+        let s = settings();
+        assert_eq!(backoff.active(), None);
+        assert_eq!(backoff.reject(Verdict::Rejected, &s), FIRST_BACKOFF);
+        assert_eq!(backoff.active(), Some(FIRST_BACKOFF));
+        // A second rejection inside the pause is the same burst: no doubling.
+        assert_eq!(backoff.reject(Verdict::Rejected, &s), FIRST_BACKOFF);
+        let mut expected = FIRST_BACKOFF;
+        for _ in 0..10 {
+            tokio::time::advance(expected).await;
+            assert_eq!(backoff.active(), None);
+            expected = (expected * 2).min(MAX_BACKOFF);
+            assert_eq!(backoff.reject(Verdict::LoginRedirect, &s), expected);
+        }
+        assert_eq!(expected, MAX_BACKOFF);
+        assert_eq!(backoff.verdict(), Verdict::LoginRedirect);
+        backoff.clear();
+        assert_eq!(backoff.active(), None);
+        assert_eq!(backoff.reject(Verdict::Rejected, &s), FIRST_BACKOFF);
+    }
+}

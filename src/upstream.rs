@@ -1,0 +1,183 @@
+//! The HTTPS client to the one upstream: TLS trust as a value, rustls with ring, a pooled client.
+
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::body::Tracked;
+use crate::error::{Error, Result};
+
+/// The pooled HTTPS client the proxy forwards through.
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Tracked<hyper::body::Incoming>>;
+
+/// Which certificates the upstream may present: public roots plus any extra CAs.
+///
+/// Verification is always on; there is deliberately no way to turn it off.
+#[derive(Debug, Clone, Default)]
+pub struct TlsTrust {
+    extra_roots: Vec<CertificateDer<'static>>,
+}
+
+impl TlsTrust {
+    /// Trusts the public web PKI (bundled Mozilla roots and the platform's roots).
+    pub fn public() -> Self {
+        Self::default()
+    }
+
+    /// Also trusts every certificate in a PEM file (a homelab or test CA).
+    pub fn with_ca_file(self, path: &Path) -> Result<Self> {
+        let pem = std::fs::read(path).map_err(|e| Error::CaCert {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        self.with_ca_pem(&pem).map_err(|reason| Error::CaCert {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+
+    /// Also trusts every certificate in PEM text; the error says what was wrong.
+    pub fn with_ca_pem(mut self, pem: &[u8]) -> Result<Self, String> {
+        let mut found = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("not a valid PEM certificate ({e})"))?;
+            let mut probe = RootCertStore::empty();
+            probe
+                .add(cert.clone())
+                .map_err(|e| format!("not a usable CA certificate ({e})"))?;
+            self.extra_roots.push(cert);
+            found += 1;
+        }
+        if found == 0 {
+            return Err("no PEM 'CERTIFICATE' block found".to_owned());
+        }
+        Ok(self)
+    }
+
+    /// Builds the rustls client configuration (ring provider) for this trust.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>> {
+        let mut roots = RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for cert in platform_roots() {
+            // A platform root rustls cannot parse is skipped, as browsers do.
+            let _ = roots.add(cert.clone());
+        }
+        for cert in &self.extra_roots {
+            roots
+                .add(cert.clone())
+                .map_err(|e| Error::Tls(e.to_string()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+/// The platform's trusted roots, read once per process.
+fn platform_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+}
+
+/// Timeouts and pool settings for the upstream client.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// How long a TCP connect may take.
+    pub connect_timeout: Duration,
+    /// How long an unused pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// How many idle connections are kept.
+    pub pool_max_idle: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(60),
+            pool_max_idle: 64,
+        }
+    }
+}
+
+/// Builds the pooled HTTP/1.1 client over rustls (websocket upgrades need HTTP/1.1).
+pub fn build_client(trust: &TlsTrust, options: &ClientOptions) -> Result<HttpsClient> {
+    // hyper-rustls sets ALPN itself from the enabled protocols.
+    let tls = trust.client_config(&[])?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(options.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(30)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(Arc::unwrap_or_clone(tls))
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(options.pool_idle_timeout)
+        .pool_max_idle_per_host(options.pool_max_idle)
+        .build(https))
+}
+
+/// Names the kind of failure behind an upstream error, for messages and status codes.
+pub fn describe_failure(err: &(dyn std::error::Error + 'static)) -> (FailureKind, String) {
+    let mut kind = FailureKind::Other;
+    let mut detail = err.to_string();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return (FailureKind::Tls, tls.to_string());
+        }
+        let text = e.to_string();
+        if text.contains("dns error") {
+            kind = FailureKind::Dns;
+        } else if kind == FailureKind::Other && text.contains("tcp connect error") {
+            kind = FailureKind::Connect;
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::TimedOut {
+                kind = FailureKind::Timeout;
+            }
+            detail = text;
+            // An io::Error's source() skips the error it wraps; its get_ref() does not.
+            cur = io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+            continue;
+        }
+        detail = text;
+        cur = e.source();
+    }
+    (kind, detail)
+}
+
+/// Broad kinds of upstream failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The host name did not resolve.
+    Dns,
+    /// No TCP connection could be made.
+    Connect,
+    /// The TLS handshake failed (often: certificate not trusted).
+    Tls,
+    /// Something took longer than its timeout.
+    Timeout,
+    /// Anything else (connection reset, protocol error).
+    Other,
+}

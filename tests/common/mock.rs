@@ -1,0 +1,413 @@
+//! An in-process mock of an Authentik-gated Immich host over TLS (test CA from rcgen).
+//!
+//! The gate behaves as the Authentik proxy outpost does (see DESIGN.md): a valid session
+//! cookie passes; correct Basic credentials pass, cost one exchange and set a session cookie;
+//! wrong credentials cost one exchange and get the 401 HTML page; no credentials get a 302 to
+//! the outpost's start URL. Behind it sit a few Immich endpoints and test endpoints.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::Digest;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
+
+pub type MockBody = BoxBody<Bytes, std::io::Error>;
+
+/// A request as the mock saw it, before the gate touched it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub sni: Option<String>,
+}
+
+/// Shared state the tests read and steer.
+#[derive(Default)]
+pub struct MockState {
+    /// Credential checks that reached "Authentik" (successful or not).
+    pub exchanges: AtomicUsize,
+    /// Every request seen, in order.
+    pub seen: Mutex<Vec<Seen>>,
+    /// Upload bytes read so far by `/upload`.
+    pub upload_read: AtomicU64,
+    /// When set, `/upload` stops reading after this many bytes until `resume` is notified.
+    pub pause_upload_after: Mutex<Option<u64>>,
+    /// Wakes a paused upload.
+    pub resume: Notify,
+    /// Tells a test that the upload reader has paused.
+    pub paused: Notify,
+    /// Download bytes produced so far by `/download`.
+    pub download_produced: AtomicU64,
+    /// When set, the host behind the gate is some other web server, not Immich.
+    pub not_immich: std::sync::atomic::AtomicBool,
+    /// Valid session cookie values.
+    sessions: Mutex<Vec<String>>,
+}
+
+impl MockState {
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn last(&self) -> Seen {
+        self.seen().pop().expect("the mock saw a request")
+    }
+}
+
+/// A running mock.
+pub struct Mock {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    pub ca_file: PathBuf,
+    pub username: String,
+    pub password: String,
+    pub state: Arc<MockState>,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The name the mock's certificate is for.
+pub const MOCK_HOST: &str = "localhost";
+
+impl Mock {
+    /// Starts a mock accepting `svc-test` / a fixed app password.
+    pub async fn start() -> Mock {
+        Self::start_with("svc-test", "app-password-123").await
+    }
+
+    pub async fn start_with(username: &str, password: &str) -> Mock {
+        let (ca_pem, tls) = test_pki();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca_pem).unwrap();
+        // Small kernel buffers on the mock's side keep the streaming tests' bounds tight.
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        socket.set_send_buffer_size(64 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener: TcpListener = socket.listen(128).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(MockState::default());
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+        );
+        let acceptor = TlsAcceptor::from(Arc::new(tls));
+        let task = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let acceptor = acceptor.clone();
+                    let state = state.clone();
+                    let expected = expected.clone();
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                        let service = service_fn(move |req| {
+                            let state = state.clone();
+                            let expected = expected.clone();
+                            let sni = sni.clone();
+                            async move { Ok::<_, Infallible>(handle(req, &state, &expected, sni).await) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), service)
+                            .with_upgrades()
+                            .await;
+                    });
+                }
+            })
+        };
+        Mock {
+            addr,
+            ca_pem,
+            ca_file,
+            username: username.to_owned(),
+            password: password.to_owned(),
+            state,
+            _dir: dir,
+            task,
+        }
+    }
+
+    /// The mock's URL by name (TLS verifies `localhost`).
+    pub fn url(&self) -> String {
+        format!("https://{MOCK_HOST}:{}", self.addr.port())
+    }
+}
+
+/// A fresh CA and a leaf certificate for `localhost` signed by it.
+pub fn test_pki() -> (String, rustls::ServerConfig) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "credproxy test CA");
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![MOCK_HOST.to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+    )
+    .unwrap();
+    (ca_cert.pem(), config)
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<MockBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(
+            Full::new(body.into())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+fn json(value: serde_json::Value) -> Response<MockBody> {
+    full(StatusCode::OK, "application/json", value.to_string())
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| name.starts_with("authentik_proxy_"))
+        .map(|(_, value)| value.to_owned())
+}
+
+const COOKIE_NAME: &str = "authentik_proxy_5f3a9c1e";
+
+async fn handle(
+    req: Request<Incoming>,
+    state: &Arc<MockState>,
+    expected: &str,
+    sni: Option<String>,
+) -> Response<MockBody> {
+    state.seen.lock().unwrap().push(Seen {
+        method: req.method().to_string(),
+        path_and_query: req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.to_string())
+            .unwrap_or_default(),
+        headers: req.headers().clone(),
+        sni,
+    });
+
+    // The gate: session cookie, then Basic, else a login redirect.
+    let has_session = session_cookie(req.headers())
+        .is_some_and(|value| state.sessions.lock().unwrap().contains(&value));
+    let mut set_cookie = None;
+    if !has_session {
+        match req.headers().get(header::AUTHORIZATION) {
+            Some(value) if value.as_bytes().starts_with(b"Basic ") => {
+                state.exchanges.fetch_add(1, Ordering::SeqCst);
+                if value != expected {
+                    return full(
+                        StatusCode::UNAUTHORIZED,
+                        "text/html; charset=utf-8",
+                        "<!DOCTYPE html><html><body><p>Due to &#39;Receive header authentication&#39; being set, no redirect is performed.</p></body></html>",
+                    );
+                }
+                let session = format!("s{}", state.exchanges.load(Ordering::SeqCst));
+                state.sessions.lock().unwrap().push(session.clone());
+                set_cookie = Some(format!(
+                    "{COOKIE_NAME}={session}; Path=/; Max-Age=3600; HttpOnly; Secure; SameSite=Lax"
+                ));
+            }
+            _ => {
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("localhost")
+                    .to_owned();
+                let mut response = full(StatusCode::FOUND, "text/html", "");
+                response.headers_mut().insert(
+                    header::LOCATION,
+                    format!(
+                        "https://{host}/outpost.goauthentik.io/start?rd=https%3A%2F%2F{host}{}",
+                        req.uri().path()
+                    )
+                    .parse()
+                    .unwrap(),
+                );
+                response.headers_mut().insert(
+                    header::SET_COOKIE,
+                    format!("{COOKIE_NAME}=unauthenticated; Path=/; HttpOnly; Secure")
+                        .parse()
+                        .unwrap(),
+                );
+                return response;
+            }
+        }
+    }
+
+    let mut response = immich(req, state).await;
+    if let Some(cookie) = set_cookie {
+        response
+            .headers_mut()
+            .append(header::SET_COOKIE, cookie.parse().unwrap());
+    }
+    response
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+async fn immich(req: Request<Incoming>, state: &Arc<MockState>) -> Response<MockBody> {
+    let path = req.uri().path().to_owned();
+    if state.not_immich.load(Ordering::SeqCst) {
+        return full(
+            StatusCode::OK,
+            "text/html",
+            "<html><body>Welcome to nginx!</body></html>",
+        );
+    }
+    match path.as_str() {
+        "/api/server/ping" => json(serde_json::json!({"res": "pong"})),
+        "/api/server/version" => json(serde_json::json!({"major": 2, "minor": 3, "patch": 1})),
+        "/.well-known/immich" => json(serde_json::json!({"api": {"endpoint": "/api"}})),
+        "/upload" => upload(req, state).await,
+        "/download" => {
+            let bytes: u64 = query(&req)
+                .get("bytes")
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(0);
+            download(bytes, state)
+        }
+        p if p.starts_with("/echo") => {
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .keys()
+                .map(|name| {
+                    let values: Vec<_> = req
+                        .headers()
+                        .get_all(name)
+                        .iter()
+                        .map(|v| serde_json::Value::from(v.to_str().unwrap_or("<binary>")))
+                        .collect();
+                    (name.to_string(), serde_json::Value::from(values))
+                })
+                .collect();
+            json(serde_json::json!({
+                "method": req.method().as_str(),
+                "path": path,
+                "headers": headers,
+            }))
+        }
+        _ => full(
+            StatusCode::NOT_FOUND,
+            "application/json",
+            r#"{"message":"Not Found","statusCode":404}"#,
+        ),
+    }
+}
+
+/// Reads the body (pausing where a test asked), answering its size and SHA-256.
+async fn upload(req: Request<Incoming>, state: &MockState) -> Response<MockBody> {
+    let mut body = req.into_body();
+    let mut hasher = sha2::Sha256::new();
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return full(StatusCode::BAD_REQUEST, "text/plain", "aborted");
+        };
+        if let Some(data) = frame.data_ref() {
+            hasher.update(data);
+            total += data.len() as u64;
+            state.upload_read.store(total, Ordering::SeqCst);
+            let pause_at = *state.pause_upload_after.lock().unwrap();
+            if pause_at.is_some_and(|at| total >= at) {
+                *state.pause_upload_after.lock().unwrap() = None;
+                state.paused.notify_one();
+                state.resume.notified().await;
+            }
+        }
+    }
+    json(serde_json::json!({
+        "bytes": total,
+        "sha256": hex::encode(hasher.finalize()),
+    }))
+}
+
+/// Streams `bytes` of a repeating pattern in 64 KiB chunks, counting what it produced.
+fn download(bytes: u64, state: &Arc<MockState>) -> Response<MockBody> {
+    let chunk = Bytes::from(pattern(64 * 1024));
+    let state = state.clone();
+    state.download_produced.store(0, Ordering::SeqCst);
+    let mut left = bytes;
+    let stream = futures_util::stream::poll_fn(move |_| {
+        if left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = left.min(chunk.len() as u64);
+        left -= n;
+        state.download_produced.fetch_add(n, Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok::<_, std::io::Error>(Frame::data(
+            chunk.slice(..n as usize),
+        ))))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, bytes)
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+/// A deterministic byte pattern.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// How long tests wait for a stalled transfer before calling it stalled.
+pub const STALL: Duration = Duration::from_millis(1500);

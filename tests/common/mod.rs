@@ -1,0 +1,134 @@
+//! Shared test harness: the mock gated host, a proxy in front of it, and small HTTP clients.
+#![allow(dead_code)]
+
+pub mod mock;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use credproxy::config::ServerUrl;
+use credproxy::credentials::Secret;
+use credproxy::proxy::{Proxy, ProxySettings};
+use credproxy::server::{self, ServerOptions};
+use credproxy::upstream::{ClientOptions, TlsTrust};
+
+pub use mock::Mock;
+
+/// A proxy serving on 127.0.0.1:0 in this process.
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub proxy: Proxy,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningProxy {
+    /// Begins shutdown; `task` finishes when draining is done.
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Settings for a proxy in front of `mock`, trusting the mock's CA.
+pub fn settings_for(mock: &Mock) -> ProxySettings {
+    ProxySettings {
+        profile: "test".to_owned(),
+        server: ServerUrl::parse(&mock.url()).unwrap(),
+        username: mock.username.clone(),
+        trust: TlsTrust::public()
+            .with_ca_pem(mock.ca_pem.as_bytes())
+            .unwrap(),
+        client: ClientOptions::default(),
+        idle_timeout: Duration::from_secs(60),
+    }
+}
+
+/// Starts a proxy with the mock's right password.
+pub async fn start_proxy(mock: &Mock) -> RunningProxy {
+    start_proxy_with(settings_for(mock), &mock.password, ServerOptions::default()).await
+}
+
+pub async fn start_proxy_with(
+    settings: ProxySettings,
+    password: &str,
+    options: ServerOptions,
+) -> RunningProxy {
+    let proxy = Proxy::new(settings, &Secret::new(password.to_owned())).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server::run(listener, proxy.clone(), options, async move {
+        let _ = stopped.await;
+    }));
+    RunningProxy {
+        addr,
+        proxy,
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// Opens an HTTP/1.1 connection to `addr` and returns its request sender.
+pub async fn connect<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// Sends a bodiless request to the proxy and collects the answer.
+pub async fn get(addr: SocketAddr, path: &str) -> (Response<()>, Bytes) {
+    send(addr, Request::get(path).header("host", addr.to_string())).await
+}
+
+pub async fn send(addr: SocketAddr, builder: http::request::Builder) -> (Response<()>, Bytes) {
+    let mut sender = connect::<Empty<Bytes>>(addr).await;
+    let response = sender
+        .send_request(builder.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    collect(response).await
+}
+
+pub async fn collect(response: Response<Incoming>) -> (Response<()>, Bytes) {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (Response::from_parts(parts, ()), body)
+}
+
+/// Writes raw bytes to `addr` and reads until the server closes or a full response arrived.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
