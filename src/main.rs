@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use credproxy::cli::Cli;
+use credproxy::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -18,10 +18,16 @@ fn main() -> ExitCode {
             };
         }
     };
+    // The demo prints its own story; per-request lines would only interleave with it.
+    let default_filter = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CREDPROXY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_target(false)

@@ -1,0 +1,260 @@
+//! The real binary across processes against a real Secret Service: `login --password-stdin`,
+//! `serve`, a request through it, shutdown, `logout`. Run inside `tests/keyring-session`
+//! (which `tests/run` and `.ci/run` use): a private D-Bus session with an unlocked gnome-keyring.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::mock::Mock;
+use http::StatusCode;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+fn require_secret_service() {
+    assert!(
+        std::env::var_os("CREDPROXY_KEYRING_SESSION").is_some(),
+        "this test needs a real Secret Service: run the suite with `tests/run` \
+         (or `tests/keyring-session cargo nextest run`)"
+    );
+}
+
+fn command(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_credproxy"));
+    cmd.args(args)
+        .env("CREDPROXY_CONFIG", config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run(config: &Path, args: &[&str], stdin: Option<&str>) -> Outcome {
+    let mut cmd = command(config, args);
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input.as_bytes()).await.unwrap();
+    }
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the command finished")
+        .unwrap();
+    Outcome {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn unique_profile(tag: &str) -> String {
+    format!("e2e-{tag}-{}", std::process::id())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_then_serve_then_request_through_the_real_keyring() {
+    require_secret_service();
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let profile = unique_profile("flow");
+    let ca = mock.ca_file.to_str().unwrap().to_owned();
+    let url = mock.url();
+    let login_args = [
+        "login",
+        "--server",
+        &url,
+        "--username",
+        &mock.username,
+        "--profile",
+        &profile,
+        "--ca-cert",
+        &ca,
+        "--password-stdin",
+    ];
+
+    // A wrong password is refused by the gate and nothing is stored.
+    let wrong = run(&config, &login_args, Some("not-the-password\n")).await;
+    assert_eq!(wrong.code, Some(1), "{}", wrong.stderr);
+    assert!(
+        wrong.stderr.contains("did not accept the credentials"),
+        "{}",
+        wrong.stderr
+    );
+    assert!(!wrong.stderr.contains("not-the-password"));
+    assert!(!config.exists(), "a refused login saves no profile");
+
+    // The right one is verified through the gate and stored.
+    let login = run(&config, &login_args, Some(&format!("{}\n", mock.password))).await;
+    assert_eq!(login.code, Some(0), "{}", login.stderr);
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert!(saved.contains(&profile) && saved.contains(&url), "{saved}");
+    assert!(
+        !saved.contains(&mock.password),
+        "the config file never holds the secret"
+    );
+
+    let listed = run(&config, &["profiles"], None).await;
+    assert!(listed.stdout.contains(&profile) && listed.stdout.contains(&mock.username));
+    assert!(!listed.stdout.contains(&mock.password));
+
+    // serve on a free port; it prints the bound address once it listens.
+    let mut serve = command(
+        &config,
+        &["serve", "--profile", &profile, "--listen", "127.0.0.1:0"],
+    )
+    .spawn()
+    .unwrap();
+    let mut stdout = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("serve announced its address")
+        .unwrap()
+        .expect("serve printed a line");
+    let addr: std::net::SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+
+    let (response, body) = common::get(addr, "/api/server/ping").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(common::json(&body)["res"], "pong");
+    let seen = mock.state.last();
+    let expected = credproxy::proxy::basic_auth(
+        &mock.username,
+        &credproxy::credentials::Secret::new(mock.password.clone()),
+    );
+    assert_eq!(seen.headers["authorization"], expected);
+
+    // SIGTERM stops it cleanly, and its logs never carried the secret.
+    let pid = serve.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), serve.wait())
+        .await
+        .expect("serve exited after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut logs = String::new();
+    serve
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .await
+        .unwrap();
+    assert!(
+        logs.contains("/api/server/ping"),
+        "one log line per request: {logs}"
+    );
+    assert!(!logs.contains(&mock.password) && !logs.contains(expected.to_str().unwrap()));
+
+    // logout removes the entry and the profile; serve then says what to do.
+    let logout = run(&config, &["logout", "--profile", &profile], None).await;
+    assert_eq!(logout.code, Some(0), "{}", logout.stderr);
+    let after = run(&config, &["serve", "--profile", &profile], None).await;
+    assert_eq!(after.code, Some(1));
+    assert!(
+        after
+            .stderr
+            .contains(&format!("no profile named '{profile}'")),
+        "{}",
+        after.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_with_a_profile_but_no_stored_secret_names_the_fix() {
+    require_secret_service();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let profile = unique_profile("missing");
+    std::fs::write(
+        &config,
+        format!("[profiles.{profile}]\nserver = \"https://immich.example.com\"\nusername = \"svc-laptop\"\n"),
+    )
+    .unwrap();
+    let out = run(
+        &config,
+        &["serve", "--profile", &profile, "--listen", "127.0.0.1:0"],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("no credentials stored for profile '{profile}'")),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "credproxy login --profile {profile} --server https://immich.example.com --username svc-laptop"
+        )),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_no_verify_stores_and_logout_removes_from_the_keyring() {
+    require_secret_service();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let profile = unique_profile("noverify");
+    let login = run(
+        &config,
+        &[
+            "login",
+            "--server",
+            "https://immich.example.com",
+            "--username",
+            "svc",
+            "--profile",
+            &profile,
+            "--password-stdin",
+            "--no-verify",
+        ],
+        Some("secret-value-42"),
+    )
+    .await;
+    assert_eq!(login.code, Some(0), "{}", login.stderr);
+    // The entry really is in the Secret Service, under service `credproxy`, account = profile.
+    let store = credproxy::credentials::KeyringStore::new();
+    use credproxy::credentials::CredentialStore as _;
+    let stored = tokio::task::spawn_blocking({
+        let profile = profile.clone();
+        move || store.get(&profile)
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .expect("stored");
+    assert_eq!(stored.expose(), "secret-value-42");
+
+    let logout = run(&config, &["logout", "--profile", &profile], None).await;
+    assert_eq!(logout.code, Some(0), "{}", logout.stderr);
+    let store = credproxy::credentials::KeyringStore::new();
+    let gone = tokio::task::spawn_blocking(move || store.get(&profile))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(gone.is_none());
+}
