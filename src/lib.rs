@@ -11,6 +11,7 @@
 //! - [`upstream`]: TLS trust as a value and the pooled HTTPS client (rustls, ring).
 //! - [`proxy`]: pure request/response rewriting and the per-request service.
 //! - [`gate`]: recognising the Authentik outpost's redirects and rejections.
+//! - [`jar`]: the gate's session cookies, kept per profile and sent back upstream.
 //! - [`body`]: streaming body wrapper (byte counts, idle timeout) and the per-request log.
 //! - [`server`]: the accept loop over an already-bound listener with a shutdown future.
 //! - [`check`]: step-by-step checks (DNS, TCP, TLS, gate, Immich) with precise errors.
@@ -26,6 +27,7 @@ pub mod credentials;
 pub mod demo;
 pub mod error;
 pub mod gate;
+pub mod jar;
 pub mod proxy;
 pub mod server;
 pub mod upstream;

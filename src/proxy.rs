@@ -18,6 +18,7 @@ use crate::config::ServerUrl;
 use crate::credentials::Secret;
 use crate::error::Result;
 use crate::gate::{self, Verdict};
+use crate::jar::{self, SessionJar};
 use crate::upstream::{self, ClientOptions, FailureKind, HttpsClient, TlsTrust};
 
 /// Immich's header for a user session token: where a client's own Bearer token goes.
@@ -41,6 +42,8 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 pub struct Target {
     authority: Authority,
     host: HeaderValue,
+    /// The spellings of the upstream origin a `Location` may use (with and without `:443`).
+    origins: Vec<String>,
 }
 
 impl Target {
@@ -49,7 +52,15 @@ impl Target {
         let authority = server.authority().clone();
         let host = HeaderValue::from_str(authority.as_str())
             .expect("a parsed authority is a valid header value");
-        Self { authority, host }
+        let mut origins = vec![format!("https://{authority}")];
+        if server.port() == 443 {
+            origins.push(format!("https://{authority}:443"));
+        }
+        Self {
+            authority,
+            host,
+            origins,
+        }
     }
 }
 
@@ -110,11 +121,13 @@ pub enum RewriteError {
 /// Path and query stay unchanged; scheme, authority and `Host` become the upstream's;
 /// hop-by-hop headers go; a client's `Authorization: Bearer T` moves to
 /// `x-immich-user-token` (Immich reads it there), any other client credential is dropped,
-/// and `auth` is set. Upgrade requests keep `Connection: upgrade` and `Upgrade`.
+/// and `auth` is set. The gate's session cookies (`session`) join the client's cookies.
+/// Upgrade requests keep `Connection: upgrade` and `Upgrade`.
 pub fn rewrite_request(
     parts: &mut http::request::Parts,
     target: &Target,
     auth: &HeaderValue,
+    session: Option<HeaderValue>,
 ) -> Result<(), RewriteError> {
     if parts.method == Method::CONNECT {
         return Err(RewriteError::Connect);
@@ -148,6 +161,7 @@ pub fn rewrite_request(
     }
     headers.insert(header::AUTHORIZATION, auth.clone());
     headers.insert(header::HOST, target.host.clone());
+    jar::merge_cookies(headers, session);
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
@@ -165,9 +179,15 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
-/// Rewrites an upstream response's head for the client: hop-by-hop headers go, except the
-/// `Connection`/`Upgrade` pair of a successful protocol switch.
-pub fn rewrite_response(parts: &mut http::response::Parts) {
+/// Rewrites an upstream response's head for a client that reached us as `client_host`:
+/// hop-by-hop headers go (except the `Connection`/`Upgrade` pair of a protocol switch), a
+/// `Location` on the upstream origin points to the local origin instead, and Immich's cookies
+/// lose `Domain` and `Secure` so a browser on plain-http loopback keeps them.
+pub fn rewrite_response(
+    parts: &mut http::response::Parts,
+    target: &Target,
+    client_host: Option<&HeaderValue>,
+) {
     let upgrade = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
         .then(|| parts.headers.get(header::UPGRADE).cloned())
         .flatten();
@@ -178,6 +198,69 @@ pub fn rewrite_response(parts: &mut http::response::Parts) {
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, protocol);
     }
+    if let (Some(host), Some(location)) = (client_host, parts.headers.get(header::LOCATION))
+        && let Ok(host) = host.to_str()
+        && let Some(localized) =
+            localize_location(location, &target.origins, &format!("http://{host}"))
+    {
+        parts.headers.insert(header::LOCATION, localized);
+    }
+    if parts.headers.contains_key(header::SET_COOKIE) {
+        let cookies: Vec<HeaderValue> = parts
+            .headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(localize_set_cookie)
+            .collect();
+        parts.headers.remove(header::SET_COOKIE);
+        for cookie in cookies {
+            parts.headers.append(header::SET_COOKIE, cookie);
+        }
+    }
+}
+
+/// Points a `Location` on one of the upstream `origins` at `local_origin`; others stay.
+pub fn localize_location(
+    location: &HeaderValue,
+    origins: &[String],
+    local_origin: &str,
+) -> Option<HeaderValue> {
+    let text = location.to_str().ok()?;
+    origins.iter().find_map(|origin| {
+        let head = text.get(..origin.len())?;
+        let rest = &text[origin.len()..];
+        let boundary = rest.is_empty() || rest.starts_with(['/', '?', '#']);
+        (head.eq_ignore_ascii_case(origin) && boundary)
+            .then(|| HeaderValue::from_str(&format!("{local_origin}{rest}")).ok())
+            .flatten()
+    })
+}
+
+/// Drops `Domain` and `Secure` from a `Set-Cookie` (and makes `SameSite=None`, which needs
+/// `Secure`, into `Lax`), so a browser on `http://127.0.0.1` stores it for this origin.
+pub fn localize_set_cookie(value: &HeaderValue) -> HeaderValue {
+    let Ok(text) = value.to_str() else {
+        return value.clone();
+    };
+    let mut parts = text.split(';');
+    let mut out = parts.next().unwrap_or("").trim().to_owned();
+    for attr in parts.map(str::trim).filter(|a| !a.is_empty()) {
+        let key = attr.split('=').next().unwrap_or("").trim();
+        if key.eq_ignore_ascii_case("domain") || key.eq_ignore_ascii_case("secure") {
+            continue;
+        }
+        out.push_str("; ");
+        if key.eq_ignore_ascii_case("samesite")
+            && attr
+                .split_once('=')
+                .is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("none"))
+        {
+            out.push_str("SameSite=Lax");
+        } else {
+            out.push_str(attr);
+        }
+    }
+    HeaderValue::from_str(&out).unwrap_or_else(|_| value.clone())
 }
 
 /// Everything a proxy for one profile needs, apart from the secret.
@@ -214,6 +297,7 @@ struct Inner {
     client: HttpsClient,
     auth: HeaderValue,
     backoff: Backoff,
+    jar: SessionJar,
     stats: Arc<Stats>,
 }
 
@@ -228,6 +312,7 @@ impl Proxy {
                 client,
                 settings,
                 backoff: Backoff::default(),
+                jar: SessionJar::new(),
                 stats: Arc::new(Stats::default()),
             }),
         })
@@ -255,8 +340,11 @@ impl Proxy {
             return inner.rejection_response(&exchange, inner.backoff.verdict(), remaining);
         }
         let client_upgrade = upgrade_protocol(req.headers()).map(|_| hyper::upgrade::on(&mut req));
+        // Kept (a reference-counted clone) to point upstream redirects back at this origin.
+        let client_host = req.headers().get(header::HOST).cloned();
         let (mut parts, body) = req.into_parts();
-        if let Err(err) = rewrite_request(&mut parts, &inner.target, &inner.auth) {
+        let session = inner.jar.cookie_header();
+        if let Err(err) = rewrite_request(&mut parts, &inner.target, &inner.auth, session) {
             return inner.error_response(
                 &exchange,
                 StatusCode::BAD_REQUEST,
@@ -274,6 +362,7 @@ impl Proxy {
         match gate::classify(response.status(), response.headers()) {
             Verdict::Passed => inner.backoff.clear(),
             verdict => {
+                inner.jar.clear();
                 let remaining = inner.backoff.reject(verdict, &inner.settings);
                 return inner.rejection_response(&exchange, verdict, remaining);
             }
@@ -285,7 +374,8 @@ impl Proxy {
             tokio::spawn(bridge(client_upgrade, upstream_upgrade, exchange.clone()));
         }
         let (mut parts, body) = response.into_parts();
-        rewrite_response(&mut parts);
+        inner.jar.absorb(&mut parts.headers);
+        rewrite_response(&mut parts, &inner.target, client_host.as_ref());
         exchange.set_status(parts.status);
         let body = Tracked::new(body, exchange, Direction::Down, idle);
         Response::from_parts(parts, Either::Left(body))
@@ -528,7 +618,7 @@ mod tests {
             Request::get("http://127.0.0.1:2283/api/assets/x/original?size=preview&a=%2F")
                 .header("host", "127.0.0.1:2283"),
         );
-        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
         assert_eq!(
             parts.uri.to_string(),
             "https://immich.example.com/api/assets/x/original?size=preview&a=%2F"
@@ -554,7 +644,7 @@ mod tests {
                 .header("proxy-connection", "keep-alive")
                 .header("x-immich-checksum", "abc"),
         );
-        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
         for gone in [
             "connection",
             "x-private-hop",
@@ -575,7 +665,7 @@ mod tests {
     fn client_bearer_moves_to_immich_user_token_and_other_auth_is_dropped() {
         let mut parts =
             request(Request::get("/api/users/me").header("authorization", "bearer tok123"));
-        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
         assert_eq!(parts.headers[IMMICH_USER_TOKEN], "tok123");
         assert_eq!(parts.headers["authorization"], auth());
 
@@ -584,7 +674,7 @@ mod tests {
                 .header("authorization", "Bearer new")
                 .header("x-immich-user-token", "existing"),
         );
-        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
         assert_eq!(parts.headers[IMMICH_USER_TOKEN], "existing");
 
         let mut parts = request(
@@ -593,7 +683,7 @@ mod tests {
                 .header("x-api-key", "k")
                 .header("cookie", "immich_access_token=t"),
         );
-        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
         assert!(!parts.headers.contains_key(IMMICH_USER_TOKEN));
         assert_eq!(parts.headers["authorization"], auth());
         assert_eq!(parts.headers["x-api-key"], "k");
@@ -608,7 +698,7 @@ mod tests {
                 .header("upgrade", "websocket")
                 .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         );
-        rewrite_request(&mut parts, &target(), &auth()).unwrap();
+        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
         assert_eq!(parts.headers["connection"], "upgrade");
         assert_eq!(parts.headers["upgrade"], "websocket");
         assert_eq!(
@@ -621,12 +711,12 @@ mod tests {
     fn connect_and_odd_targets_are_refused() {
         let mut parts = request(Request::connect("evil.example:443"));
         assert_eq!(
-            rewrite_request(&mut parts, &target(), &auth()),
+            rewrite_request(&mut parts, &target(), &auth(), None),
             Err(RewriteError::Connect)
         );
         let mut parts = request(Request::options("*"));
         assert_eq!(
-            rewrite_request(&mut parts, &target(), &auth()),
+            rewrite_request(&mut parts, &target(), &auth(), None),
             Err(RewriteError::BadTarget)
         );
     }
@@ -642,7 +732,11 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        rewrite_response(&mut parts);
+        rewrite_response(
+            &mut parts,
+            &target(),
+            Some(&HeaderValue::from_static("127.0.0.1:2283")),
+        );
         assert!(!parts.headers.contains_key("connection"));
         assert!(!parts.headers.contains_key("x-hop"));
         assert!(!parts.headers.contains_key("keep-alive"));
@@ -655,9 +749,56 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        rewrite_response(&mut parts);
+        rewrite_response(
+            &mut parts,
+            &target(),
+            Some(&HeaderValue::from_static("127.0.0.1:2283")),
+        );
         assert_eq!(parts.headers["upgrade"], "websocket");
         assert_eq!(parts.headers["connection"], "upgrade");
+    }
+
+    #[test]
+    fn upstream_locations_point_back_to_the_local_origin() {
+        let t = target();
+        let local = "http://127.0.0.1:2283";
+        let loc =
+            |v: &'static str| localize_location(&HeaderValue::from_static(v), &t.origins, local);
+        assert_eq!(
+            loc("https://immich.example.com/auth/login?x=1").unwrap(),
+            "http://127.0.0.1:2283/auth/login?x=1"
+        );
+        assert_eq!(
+            loc("https://IMMICH.example.com:443").unwrap(),
+            "http://127.0.0.1:2283"
+        );
+        assert_eq!(loc("https://immich.example.com.evil.net/x"), None);
+        assert_eq!(loc("https://auth.example.com/outpost"), None);
+        assert_eq!(loc("/relative/path"), None);
+    }
+
+    #[test]
+    fn immich_cookies_are_made_keepable_on_plain_http_loopback() {
+        let c = |v: &'static str| localize_set_cookie(&HeaderValue::from_static(v));
+        assert_eq!(
+            c(
+                "immich_access_token=abc; Domain=immich.example.com; Path=/; Secure; HttpOnly; SameSite=Lax"
+            ),
+            "immich_access_token=abc; Path=/; HttpOnly; SameSite=Lax"
+        );
+        assert_eq!(c("a=b; secure; SameSite=None"), "a=b; SameSite=Lax");
+        assert_eq!(c("a=b"), "a=b");
+    }
+
+    #[test]
+    fn session_cookies_merge_into_the_upstream_request() {
+        let mut parts = request(Request::get("/").header("cookie", "immich_access_token=t"));
+        let session = Some(HeaderValue::from_static("authentik_proxy_1a=s1"));
+        rewrite_request(&mut parts, &target(), &auth(), session).unwrap();
+        assert_eq!(
+            parts.headers["cookie"],
+            "immich_access_token=t; authentik_proxy_1a=s1"
+        );
     }
 
     fn settings() -> ProxySettings {

@@ -55,6 +55,12 @@ pub struct MockState {
     pub paused: Notify,
     /// Download bytes produced so far by `/download`.
     pub download_produced: AtomicU64,
+    /// Lifetime of the session cookies the gate issues, in seconds.
+    pub cookie_max_age: AtomicU64,
+    /// Releases the rest of `/api/sync/stream` after its first line.
+    pub stream_gate: Notify,
+    /// When set, wrong credentials get the login redirect ("Intercept header authentication" off).
+    pub redirect_wrong_credentials: std::sync::atomic::AtomicBool,
     /// When set, the host behind the gate is some other web server, not Immich.
     pub not_immich: std::sync::atomic::AtomicBool,
     /// Valid session cookie values.
@@ -111,6 +117,7 @@ impl Mock {
         let listener: TcpListener = socket.listen(128).unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(MockState::default());
+        state.cookie_max_age.store(3600, Ordering::SeqCst);
         let expected = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
@@ -190,7 +197,7 @@ pub fn test_pki() -> (String, rustls::ServerConfig) {
     (ca_cert.pem(), config)
 }
 
-fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<MockBody> {
+pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<MockBody> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
@@ -202,7 +209,7 @@ fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
         .unwrap()
 }
 
-fn json(value: serde_json::Value) -> Response<MockBody> {
+pub fn json(value: serde_json::Value) -> Response<MockBody> {
     full(StatusCode::OK, "application/json", value.to_string())
 }
 
@@ -244,6 +251,9 @@ async fn handle(
         match req.headers().get(header::AUTHORIZATION) {
             Some(value) if value.as_bytes().starts_with(b"Basic ") => {
                 state.exchanges.fetch_add(1, Ordering::SeqCst);
+                if value != expected && state.redirect_wrong_credentials.load(Ordering::SeqCst) {
+                    return login_redirect(&req);
+                }
                 if value != expected {
                     return full(
                         StatusCode::UNAUTHORIZED,
@@ -254,34 +264,11 @@ async fn handle(
                 let session = format!("s{}", state.exchanges.load(Ordering::SeqCst));
                 state.sessions.lock().unwrap().push(session.clone());
                 set_cookie = Some(format!(
-                    "{COOKIE_NAME}={session}; Path=/; Max-Age=3600; HttpOnly; Secure; SameSite=Lax"
+                    "{COOKIE_NAME}={session}; Path=/; Max-Age={}; HttpOnly; Secure; SameSite=Lax",
+                    state.cookie_max_age.load(Ordering::SeqCst)
                 ));
             }
-            _ => {
-                let host = req
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("localhost")
-                    .to_owned();
-                let mut response = full(StatusCode::FOUND, "text/html", "");
-                response.headers_mut().insert(
-                    header::LOCATION,
-                    format!(
-                        "https://{host}/outpost.goauthentik.io/start?rd=https%3A%2F%2F{host}{}",
-                        req.uri().path()
-                    )
-                    .parse()
-                    .unwrap(),
-                );
-                response.headers_mut().insert(
-                    header::SET_COOKIE,
-                    format!("{COOKIE_NAME}=unauthenticated; Path=/; HttpOnly; Secure")
-                        .parse()
-                        .unwrap(),
-                );
-                return response;
-            }
+            _ => return login_redirect(&req),
         }
     }
 
@@ -291,6 +278,33 @@ async fn handle(
             .headers_mut()
             .append(header::SET_COOKIE, cookie.parse().unwrap());
     }
+    response
+}
+
+/// The outpost's answer to a request without (accepted) credentials.
+fn login_redirect(req: &Request<Incoming>) -> Response<MockBody> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_owned();
+    let mut response = full(StatusCode::FOUND, "text/html", "");
+    response.headers_mut().insert(
+        header::LOCATION,
+        format!(
+            "https://{host}/outpost.goauthentik.io/start?rd=https%3A%2F%2F{host}{}",
+            req.uri().path()
+        )
+        .parse()
+        .unwrap(),
+    );
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        format!("{COOKIE_NAME}=unauthenticated; Path=/; HttpOnly; Secure")
+            .parse()
+            .unwrap(),
+    );
     response
 }
 
@@ -318,6 +332,51 @@ async fn immich(req: Request<Incoming>, state: &Arc<MockState>) -> Response<Mock
         "/api/server/version" => json(serde_json::json!({"major": 2, "minor": 3, "patch": 1})),
         "/.well-known/immich" => json(serde_json::json!({"api": {"endpoint": "/api"}})),
         "/upload" => upload(req, state).await,
+        "/api/socket.io/" => websocket_echo(req),
+        "/api/sync/stream" => json_lines(state),
+        "/media" => media(&req),
+        "/api/assets"
+            if req
+                .headers()
+                .get("x-immich-checksum")
+                .is_some_and(|v| v == "early-duplicate") =>
+        {
+            // Immich knows this checksum: it answers before reading the body, and Node's
+            // HTTP server then reads and discards the rest of it in the background.
+            let mut body = req.into_body();
+            tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+            json(serde_json::json!({"id": "existing-asset", "status": "duplicate"}))
+        }
+        "/redirect-me" => {
+            let host = req.headers().get(header::HOST).unwrap().to_str().unwrap();
+            let mut response = full(StatusCode::FOUND, "text/plain", "");
+            let headers = response.headers_mut();
+            headers.insert(
+                header::LOCATION,
+                format!("https://{host}/photos?from=login").parse().unwrap(),
+            );
+            headers.append(
+                header::SET_COOKIE,
+                "immich_access_token=tok123; Domain=localhost; Path=/; Secure; HttpOnly; SameSite=Lax"
+                    .parse()
+                    .unwrap(),
+            );
+            headers.append(
+                header::SET_COOKIE,
+                "immich_is_authenticated=true; Domain=localhost; Path=/; Secure; SameSite=None"
+                    .parse()
+                    .unwrap(),
+            );
+            response
+        }
+        "/redirect-away" => {
+            let mut response = full(StatusCode::FOUND, "text/plain", "");
+            response.headers_mut().insert(
+                header::LOCATION,
+                "https://accounts.example.org/oauth?x=1".parse().unwrap(),
+            );
+            response
+        }
         "/download" => {
             let bytes: u64 = query(&req)
                 .get("bytes")
@@ -345,12 +404,17 @@ async fn immich(req: Request<Incoming>, state: &Arc<MockState>) -> Response<Mock
                 "headers": headers,
             }))
         }
-        _ => full(
-            StatusCode::NOT_FOUND,
-            "application/json",
-            r#"{"message":"Not Found","statusCode":404}"#,
-        ),
+        _ => super::immich_api::handle(req, state).await,
     }
+}
+
+/// Immich's 404 answer.
+pub fn not_found() -> Response<MockBody> {
+    full(
+        StatusCode::NOT_FOUND,
+        "application/json",
+        r#"{"message":"Not Found","statusCode":404}"#,
+    )
 }
 
 /// Reads the body (pausing where a test asked), answering its size and SHA-256.
@@ -401,6 +465,112 @@ fn download(bytes: u64, state: &Arc<MockState>) -> Response<MockBody> {
         .header(header::CONTENT_TYPE, "application/octet-stream")
         .header(header::CONTENT_LENGTH, bytes)
         .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+/// Answers a websocket upgrade with 101, then echoes every byte back until the peer closes.
+fn websocket_echo(mut req: Request<Incoming>) -> Response<MockBody> {
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "websocket transport only",
+        );
+    };
+    let mut hasher = sha1::Sha1::new();
+    hasher.update(key.as_bytes());
+    hasher.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let accept = base64::engine::general_purpose::STANDARD.encode(hasher.finalize());
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut reader, &mut writer).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+/// A JSON-lines stream: one line at once, the rest only after the test opens `stream_gate`.
+fn json_lines(state: &Arc<MockState>) -> Response<MockBody> {
+    let state = state.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let line = |n: u32| {
+            Ok(Frame::data(Bytes::from(format!(
+                "{{\"type\":\"AssetV1\",\"n\":{n}}}\n"
+            ))))
+        };
+        let _ = tx.send(line(1)).await;
+        state.stream_gate.notified().await;
+        for n in 2..=5 {
+            let _ = tx.send(line(n)).await;
+        }
+    });
+    let mut rx = rx;
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/jsonlines+json")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+/// The media content `/media` serves.
+pub const MEDIA_LEN: usize = 1024 * 1024;
+/// Its entity tag.
+pub const MEDIA_ETAG: &str = "\"media-v1\"";
+
+/// A media file with ETag, conditional requests and single byte ranges, as Immich serves them.
+fn media(req: &Request<Incoming>) -> Response<MockBody> {
+    let content = Bytes::from(pattern(MEDIA_LEN));
+    if req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v == MEDIA_ETAG)
+    {
+        return Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .header(header::ETAG, MEDIA_ETAG)
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap();
+    }
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+    let builder = Response::builder()
+        .header(header::ETAG, MEDIA_ETAG)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, "video/mp4");
+    let (builder, body) = match range {
+        Some((start, end)) if start <= end && end < MEDIA_LEN => (
+            builder.status(StatusCode::PARTIAL_CONTENT).header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{end}/{MEDIA_LEN}"),
+            ),
+            content.slice(start..=end),
+        ),
+        _ => (builder, content),
+    };
+    builder
+        .body(Full::new(body).map_err(|never| match never {}).boxed())
         .unwrap()
 }
 

@@ -1,6 +1,7 @@
 //! Shared test harness: the mock gated host, a proxy in front of it, and small HTTP clients.
 #![allow(dead_code)]
 
+pub mod immich_api;
 pub mod mock;
 
 use std::net::SocketAddr;
