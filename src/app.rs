@@ -28,6 +28,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(&config, keyring, args).await,
         Command::Logout(args) => logout(&config, keyring, &args.profile).await,
         Command::Profiles => profiles(&config),
+        Command::Doctor(args) => doctor(&config, keyring, &args.profile).await,
         Command::Demo(args) => crate::demo::run(&args.listen, args.keep_running).await,
     }
 }
@@ -263,6 +264,109 @@ pub async fn logout(
     }
     eprintln!("credproxy: removed profile '{name}' and its keyring entry");
     Ok(())
+}
+
+/// `doctor`: check each step and print it; fails when any step failed.
+pub async fn doctor(
+    config: &ConfigStore,
+    keyring: Arc<dyn CredentialStore>,
+    profile: &str,
+) -> Result<()> {
+    use crate::doctor::{self, Status, Step};
+    let report = |step: &Step| println!("{step}");
+    let profile = match config.profile(&config::validate_profile_name(profile)?) {
+        Ok(profile) => profile,
+        Err(e) => {
+            report(&Step {
+                name: "config",
+                status: Status::Fail,
+                detail: e.to_string(),
+                fix: None,
+            });
+            return Err(Error::Doctor(1));
+        }
+    };
+    println!(
+        "credproxy doctor: profile '{}' -> {} as '{}'",
+        profile.name, profile.server, profile.username
+    );
+    let login = format!(
+        "credproxy login --profile {} --server {} --username {}",
+        profile.name, profile.server, profile.username
+    );
+    let trust = match trust_for(&profile) {
+        Ok(trust) => trust,
+        Err(e) => {
+            report(&Step {
+                name: "config",
+                status: Status::Fail,
+                detail: e.to_string(),
+                fix: Some(login),
+            });
+            return Err(Error::Doctor(1));
+        }
+    };
+    let mut steps = vec![Step {
+        name: "config",
+        status: Status::Pass,
+        detail: format!("{} (listen {})", config.path().display(), profile.listen),
+        fix: None,
+    }];
+    let name = profile.name.clone();
+    let secret = match blocking(move || keyring.get(&name)).await {
+        Ok(Some(secret)) => {
+            steps.push(Step {
+                name: "keyring",
+                status: Status::Pass,
+                detail: format!("secret stored for profile '{}'", profile.name),
+                fix: None,
+            });
+            Some(secret)
+        }
+        Ok(None) => {
+            steps.push(Step {
+                name: "keyring",
+                status: Status::Fail,
+                detail: format!("no secret stored for profile '{}'", profile.name),
+                fix: Some(login.clone()),
+            });
+            None
+        }
+        Err(e) => {
+            steps.push(Step {
+                name: "keyring",
+                status: Status::Fail,
+                detail: e.to_string(),
+                fix: None,
+            });
+            None
+        }
+    };
+    steps.iter().for_each(report);
+    let checker = Checker::new(
+        profile.server.clone(),
+        trust.client_config(&[b"http/1.1"])?,
+        CHECK_TIMEOUT,
+    );
+    let network = doctor::network_steps(&doctor::Target {
+        checker: &checker,
+        username: &profile.username,
+        secret: secret.as_ref(),
+        login_command: login,
+    })
+    .await;
+    network.iter().for_each(report);
+    let failed = steps
+        .iter()
+        .chain(&network)
+        .filter(|s| s.status == Status::Fail)
+        .count();
+    if failed > 0 {
+        Err(Error::Doctor(failed))
+    } else {
+        println!("all checks passed");
+        Ok(())
+    }
 }
 
 /// `profiles`: list profiles without secrets.

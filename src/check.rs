@@ -212,11 +212,44 @@ impl Checker {
         .await
     }
 
+    /// Connects and returns what the server's certificate chain says, leaf first.
+    pub async fn certificates(&self) -> Result<Vec<CertSummary>, CheckError> {
+        let addrs = self.resolve().await?;
+        let tcp = self.connect(&addrs).await?;
+        let tls = self.handshake(tcp).await?;
+        Ok(tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(CertSummary::of)
+            .collect())
+    }
+
     /// Connects afresh and sends `GET path`, with `authorization` if given.
     pub async fn get(
         &self,
         path: &str,
         authorization: Option<&HeaderValue>,
+    ) -> Result<CheckResponse, CheckError> {
+        self.send(path, authorization, false).await
+    }
+
+    /// Asks for a websocket upgrade of `path`; returns the answer (101 when it worked).
+    pub async fn websocket(
+        &self,
+        path: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<CheckResponse, CheckError> {
+        self.send(path, authorization, true).await
+    }
+
+    async fn send(
+        &self,
+        path: &str,
+        authorization: Option<&HeaderValue>,
+        websocket: bool,
     ) -> Result<CheckResponse, CheckError> {
         let addrs = self.resolve().await?;
         let tcp = self.connect(&addrs).await?;
@@ -242,6 +275,19 @@ impl Checker {
                 request
                     .headers_mut()
                     .insert(header::AUTHORIZATION, auth.clone());
+            }
+            if websocket {
+                let headers = request.headers_mut();
+                headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+                headers.insert(
+                    header::SEC_WEBSOCKET_KEY,
+                    HeaderValue::from_static("Y3JlZHByb3h5IGRvY3Rvcg=="),
+                );
             }
             let response = sender
                 .send_request(request)
@@ -295,6 +341,49 @@ impl Checker {
             })
         }
     }
+}
+
+/// What one certificate in the server's chain says.
+#[derive(Debug, Clone)]
+pub struct CertSummary {
+    /// The subject's distinguished name.
+    pub subject: String,
+    /// The issuer's distinguished name.
+    pub issuer: String,
+    /// When it expires, as the certificate states it.
+    pub not_after: String,
+    /// Whole days until it expires (negative once expired).
+    pub days_left: i64,
+    /// The SHA-256 pin of its public key, as `sha256/BASE64` (what `--pin` takes).
+    pub spki_pin: String,
+}
+
+impl CertSummary {
+    /// Summarises a DER certificate; `None` if it cannot be parsed.
+    pub fn of(der: &rustls::pki_types::CertificateDer<'_>) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let not_after = cert.validity().not_after;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        Some(Self {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            not_after: not_after.to_string(),
+            days_left: (not_after.timestamp() - now).div_euclid(86_400),
+            spki_pin: spki_pin_of(cert.public_key().raw),
+        })
+    }
+}
+
+/// The `sha256/BASE64` pin of a DER SubjectPublicKeyInfo.
+pub fn spki_pin_of(spki_der: &[u8]) -> String {
+    use base64::Engine as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, spki_der);
+    format!(
+        "sha256/{}",
+        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+    )
 }
 
 /// True when a response is Immich's `{"res":"pong"}`.

@@ -30,6 +30,8 @@ pub enum Command {
     Logout(ProfileArgs),
     /// List profiles (server, username, listen address); never secrets.
     Profiles,
+    /// Check every step from config and keyring to TLS, the gate, Immich and websockets.
+    Doctor(ProfileArgs),
     /// Show the proxy working against a built-in local stand-in for an Authentik-gated Immich.
     Demo(DemoArgs),
 }

@@ -104,6 +104,9 @@ pub enum Error {
     /// The password could not be read.
     #[error("cannot read the password: {0}")]
     Password(String),
+    /// `doctor` found problems (it printed them).
+    #[error("doctor found {0} problem(s); see the ✗ lines above")]
+    Doctor(usize),
     /// The built-in demonstration could not run or did not behave as expected.
     #[error("the demo failed: {0}")]
     Demo(String),

@@ -4,7 +4,7 @@
 //! # Layout
 //!
 //! - [`cli`]: clap types only; the binary parses them and hands them to [`app`].
-//! - [`app`]: the commands (`login`, `serve`, `logout`, `profiles`), validate-then-run.
+//! - [`app`]: the commands (`login`, `serve`, `logout`, `profiles`, `doctor`), validate-then-run.
 //! - [`config`]: validated settings and the TOML profile file (never secrets).
 //! - [`credentials`]: the [`Secret`](credentials::Secret) type, the store trait, the OS
 //!   keyring store and an in-memory store.
@@ -15,6 +15,7 @@
 //! - [`body`]: streaming body wrapper (byte counts, idle timeout) and the per-request log.
 //! - [`server`]: the accept loop over an already-bound listener with a shutdown future.
 //! - [`check`]: step-by-step checks (DNS, TCP, TLS, gate, Immich) with precise errors.
+//! - [`doctor`]: the step-by-step diagnosis behind `credproxy doctor`.
 //! - [`demo`]: a local stand-in for a gated Immich host and the `demo` command.
 //! - [`error`]: the core error type.
 
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod demo;
+pub mod doctor;
 pub mod error;
 pub mod gate;
 pub mod jar;

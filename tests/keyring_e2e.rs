@@ -106,6 +106,31 @@ async fn login_then_serve_then_request_through_the_real_keyring() {
         "the config file never holds the secret"
     );
 
+    let doctor = run(&config, &["doctor", "--profile", &profile], None).await;
+    assert_eq!(doctor.code, Some(0), "{}{}", doctor.stdout, doctor.stderr);
+    for step in [
+        "config",
+        "keyring",
+        "dns",
+        "tcp",
+        "tls",
+        "gate",
+        "credentials",
+        "immich",
+        "websocket",
+    ] {
+        assert!(
+            doctor
+                .stdout
+                .lines()
+                .any(|l| l.starts_with("✓") && l.contains(step)),
+            "{step} passes:\n{}",
+            doctor.stdout
+        );
+    }
+    assert!(doctor.stdout.contains("pin sha256/"));
+    assert!(!doctor.stdout.contains(&mock.password));
+
     let listed = run(&config, &["profiles"], None).await;
     assert!(listed.stdout.contains(&profile) && listed.stdout.contains(&mock.username));
     assert!(!listed.stdout.contains(&mock.password));
@@ -171,6 +196,9 @@ async fn login_then_serve_then_request_through_the_real_keyring() {
     assert_eq!(logout.code, Some(0), "{}", logout.stderr);
     let after = run(&config, &["serve", "--profile", &profile], None).await;
     assert_eq!(after.code, Some(1));
+    let doctor = run(&config, &["doctor", "--profile", &profile], None).await;
+    assert_eq!(doctor.code, Some(1), "doctor fails without a profile");
+    assert!(doctor.stdout.starts_with("✗ config"), "{}", doctor.stdout);
     assert!(
         after
             .stderr

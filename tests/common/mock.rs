@@ -61,6 +61,8 @@ pub struct MockState {
     pub stream_gate: Notify,
     /// When set, wrong credentials get the login redirect ("Intercept header authentication" off).
     pub redirect_wrong_credentials: std::sync::atomic::AtomicBool,
+    /// When set, there is no gate at all: Immich answers everyone.
+    pub no_gate: std::sync::atomic::AtomicBool,
     /// When set, the host behind the gate is some other web server, not Immich.
     pub not_immich: std::sync::atomic::AtomicBool,
     /// Valid session cookie values.
@@ -244,8 +246,9 @@ async fn handle(
     });
 
     // The gate: session cookie, then Basic, else a login redirect.
-    let has_session = session_cookie(req.headers())
-        .is_some_and(|value| state.sessions.lock().unwrap().contains(&value));
+    let has_session = state.no_gate.load(Ordering::SeqCst)
+        || session_cookie(req.headers())
+            .is_some_and(|value| state.sessions.lock().unwrap().contains(&value));
     let mut set_cookie = None;
     if !has_session {
         match req.headers().get(header::AUTHORIZATION) {

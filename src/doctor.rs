@@ -1,0 +1,301 @@
+//! `credproxy doctor`: every step between a client and Immich, checked in order, each with a
+//! verdict and a fix hint.
+
+use std::fmt;
+
+use http::{StatusCode, header};
+
+use crate::check::{CheckError, Checker, PING_PATH, is_pong};
+use crate::credentials::Secret;
+use crate::gate::{self, Verdict};
+use crate::proxy::basic_auth;
+
+/// Immich's socket.io endpoint with the websocket transport, as its clients open it.
+pub const SOCKET_IO_PATH: &str = "/api/socket.io/?EIO=4&transport=websocket";
+
+/// How one step went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// It works.
+    Pass,
+    /// It works, but something deserves attention.
+    Warn,
+    /// It does not work.
+    Fail,
+}
+
+impl Status {
+    /// The mark printed before the step.
+    pub fn mark(self) -> &'static str {
+        match self {
+            Status::Pass => "✓",
+            Status::Warn => "!",
+            Status::Fail => "✗",
+        }
+    }
+}
+
+/// One checked step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Short name (`dns`, `tls`, …).
+    pub name: &'static str,
+    /// The verdict.
+    pub status: Status,
+    /// What was found.
+    pub detail: String,
+    /// What to do about a failure or warning.
+    pub fix: Option<String>,
+}
+
+impl Step {
+    fn pass(name: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            name,
+            status: Status::Pass,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            name,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    /// A step that could not be checked because an earlier one failed.
+    pub fn skipped(name: &'static str, because: &str) -> Self {
+        Self {
+            name,
+            status: Status::Fail,
+            detail: format!("not checked: {because}"),
+            fix: None,
+        }
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:<12} {}",
+            self.status.mark(),
+            self.name,
+            self.detail
+        )?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n    fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the network checks need to know about the profile.
+pub struct Target<'a> {
+    /// Runs the individual requests.
+    pub checker: &'a Checker,
+    /// The Authentik username.
+    pub username: &'a str,
+    /// The stored secret, when there is one.
+    pub secret: Option<&'a Secret>,
+    /// The command that stores fresh credentials, for fix hints.
+    pub login_command: String,
+}
+
+/// Runs the network steps in order: DNS, TCP, TLS, the gate without and with credentials,
+/// Immich's version and a websocket upgrade. Later steps are skipped once the connection fails.
+pub async fn network_steps(target: &Target<'_>) -> Vec<Step> {
+    let checker = target.checker;
+    let mut steps = Vec::new();
+    let addrs = match checker.resolve().await {
+        Ok(addrs) => {
+            let list: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+            steps.push(Step::pass("dns", list.join(", ")));
+            addrs
+        }
+        Err(e) => {
+            steps.push(failure("dns", &e));
+            return skip_rest(steps, "the name does not resolve");
+        }
+    };
+    match checker.connect(&addrs).await {
+        Ok(stream) => steps.push(Step::pass(
+            "tcp",
+            stream
+                .peer_addr()
+                .map_or_else(|_| "connected".to_owned(), |a| format!("connected to {a}")),
+        )),
+        Err(e) => {
+            steps.push(failure("tcp", &e));
+            return skip_rest(steps, "no TCP connection");
+        }
+    }
+    match checker.certificates().await {
+        Ok(chain) => steps.push(tls_step(&chain)),
+        Err(e) => {
+            steps.push(failure("tls", &e));
+            return skip_rest(steps, "no TLS session");
+        }
+    }
+    steps.push(gate_without_credentials(checker).await);
+
+    let Some(secret) = target.secret else {
+        for name in ["credentials", "immich", "websocket"] {
+            steps.push(Step::skipped(name, "no stored credentials"));
+        }
+        return steps;
+    };
+    let auth = basic_auth(target.username, secret);
+    let accepted = match checker.verify_credentials(target.username, &auth).await {
+        Ok(()) => {
+            steps.push(Step::pass(
+                "credentials",
+                format!(
+                    "the gate accepts '{}'; {PING_PATH} answers pong",
+                    target.username
+                ),
+            ));
+            true
+        }
+        Err(e @ CheckError::Rejected { .. }) => {
+            steps.push(Step::fail(
+                "credentials",
+                e.to_string(),
+                target.login_command.clone(),
+            ));
+            false
+        }
+        Err(e) => {
+            steps.push(failure("credentials", &e));
+            false
+        }
+    };
+    if !accepted {
+        steps.push(Step::skipped(
+            "immich",
+            "the credentials did not get through",
+        ));
+        steps.push(Step::skipped(
+            "websocket",
+            "the credentials did not get through",
+        ));
+        return steps;
+    }
+    steps.push(immich_version(checker, &auth).await);
+    steps.push(match checker.websocket(SOCKET_IO_PATH, Some(&auth)).await {
+        Ok(r) if r.status == StatusCode::SWITCHING_PROTOCOLS => {
+            Step::pass("websocket", "upgrade to /api/socket.io/ answered 101")
+        }
+        Ok(r) => Step::fail(
+            "websocket",
+            format!("upgrade to /api/socket.io/ answered HTTP {}", r.status.as_u16()),
+            "let websocket upgrades through every proxy in front of Immich (e.g. nginx `proxy_set_header Upgrade`)",
+        ),
+        Err(e) => failure("websocket", &e),
+    });
+    steps
+}
+
+fn tls_step(chain: &[crate::check::CertSummary]) -> Step {
+    let Some(leaf) = chain.first() else {
+        return Step::pass("tls", "verified (no certificate details available)");
+    };
+    let detail = format!(
+        "verified; subject {}; issuer {}; expires {} ({} days); pin {}",
+        leaf.subject, leaf.issuer, leaf.not_after, leaf.days_left, leaf.spki_pin
+    );
+    if leaf.days_left < 14 {
+        Step {
+            name: "tls",
+            status: Status::Warn,
+            detail,
+            fix: Some("renew the server certificate soon".to_owned()),
+        }
+    } else {
+        Step::pass("tls", detail)
+    }
+}
+
+async fn gate_without_credentials(checker: &Checker) -> Step {
+    let response = match checker.get(PING_PATH, None).await {
+        Ok(response) => response,
+        Err(e) => return failure("gate", &e),
+    };
+    match gate::classify(response.status, &response.headers) {
+        Verdict::LoginRedirect => Step::pass(
+            "gate",
+            "an Authentik outpost answers unauthenticated requests with its login redirect",
+        ),
+        Verdict::Rejected => Step::pass(
+            "gate",
+            "an Authentik outpost rejects unauthenticated requests (HTTP 401)",
+        ),
+        Verdict::Passed if is_pong(&response) => Step {
+            name: "gate",
+            status: Status::Warn,
+            detail: "Immich answers without any gate in front: credproxy is not needed here"
+                .to_owned(),
+            fix: Some("check that this is the Authentik-protected URL".to_owned()),
+        },
+        Verdict::Passed => Step::fail(
+            "gate",
+            format!(
+                "unrecognised answer without credentials: HTTP {} ({})",
+                response.status.as_u16(),
+                response
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("no content type")
+            ),
+            "check that the server URL points at the Authentik proxy provider's external host",
+        ),
+    }
+}
+
+async fn immich_version(checker: &Checker, auth: &http::HeaderValue) -> Step {
+    match checker.get("/api/server/version", Some(auth)).await {
+        Ok(r) if r.status == StatusCode::OK => {
+            let version = serde_json::from_slice::<serde_json::Value>(&r.body)
+                .ok()
+                .map(|v| format!("{}.{}.{}", v["major"], v["minor"], v["patch"]));
+            match version {
+                Some(version) => Step::pass("immich", format!("Immich v{version}")),
+                None => Step::fail(
+                    "immich",
+                    "/api/server/version did not answer Immich's JSON",
+                    "check that the server is Immich",
+                ),
+            }
+        }
+        Ok(r) => Step::fail(
+            "immich",
+            format!("/api/server/version answered HTTP {}", r.status.as_u16()),
+            "check that the server is Immich",
+        ),
+        Err(e) => failure("immich", &e),
+    }
+}
+
+fn failure(name: &'static str, err: &CheckError) -> Step {
+    Step {
+        name,
+        status: Status::Fail,
+        detail: err.to_string(),
+        fix: None,
+    }
+}
+
+fn skip_rest(mut steps: Vec<Step>, because: &str) -> Vec<Step> {
+    let done: Vec<&str> = steps.iter().map(|s| s.name).collect();
+    for name in ["tcp", "tls", "gate", "credentials", "immich", "websocket"] {
+        if !done.contains(&name) {
+            steps.push(Step::skipped(name, because));
+        }
+    }
+    steps
+}
