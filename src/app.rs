@@ -56,7 +56,7 @@ pub async fn login(
         })?),
         None => None,
     };
-    let profile = Profile {
+    let mut profile = Profile {
         name: config::validate_profile_name(&args.profile)?,
         server: ServerUrl::parse(&args.server)?,
         username: config::validate_username(&args.username)?,
@@ -65,9 +65,21 @@ pub async fn login(
             None => config::DEFAULT_LISTEN,
         },
         ca_cert,
+        pins: args
+            .pins
+            .iter()
+            .map(|pin| config::validate_pin(pin))
+            .collect::<Result<_>>()?,
+        local_auth: false,
+        allow_hosts: Vec::new(),
     };
     let trust = trust_for(&profile)?;
     let mut file = config.load()?;
+    // A re-login keeps the serve-side settings made earlier.
+    if let Some(previous) = file.profiles.get(&profile.name) {
+        profile.local_auth = previous.local_auth;
+        profile.allow_hosts = previous.allow_hosts.clone();
+    }
     let password = read_password(
         args.password_stdin,
         &format!(
@@ -145,10 +157,22 @@ pub fn read_password(from_stdin: bool, prompt: &str) -> Result<Secret> {
 }
 
 fn trust_for(profile: &Profile) -> Result<TlsTrust> {
-    match &profile.ca_cert {
-        Some(path) => TlsTrust::public().with_ca_file(path),
-        None => Ok(TlsTrust::public()),
+    let mut trust = match &profile.ca_cert {
+        Some(path) => TlsTrust::public().with_ca_file(path)?,
+        None => TlsTrust::public(),
+    };
+    for pin in &profile.pins {
+        trust = trust.with_pin(pin).map_err(|reason| Error::Invalid {
+            what: "pin",
+            reason,
+        })?;
     }
+    Ok(trust)
+}
+
+/// The keyring account of a profile's local credential (profile names cannot hold ':').
+fn local_token_account(profile: &str) -> String {
+    format!("local-auth:{profile}")
 }
 
 /// `serve`: load the profile and secret, bind, serve until a signal.
@@ -164,8 +188,9 @@ pub async fn serve(
     };
     config::check_loopback(listen, args.allow_remote)?;
     let name = profile.name.clone();
+    let store = keyring.clone();
     let password =
-        blocking(move || keyring.get(&name))
+        blocking(move || store.get(&name))
             .await?
             .ok_or_else(|| Error::MissingSecret {
                 profile: profile.name.clone(),
@@ -182,14 +207,38 @@ pub async fn serve(
     };
     let proxy = Proxy::new(settings, &password)?;
     drop(password);
+    let local_token = if args.local_auth || profile.local_auth {
+        let account = local_token_account(&profile.name);
+        Some(
+            blocking(move || match keyring.get(&account)? {
+                Some(token) => Ok(token),
+                None => {
+                    let token = Secret::new(crate::demo::random_token());
+                    keyring.set(&account, &token)?;
+                    Ok(token)
+                }
+            })
+            .await?,
+        )
+    } else {
+        None
+    };
     let listener = bind(listen).await?;
     if !listen.ip().is_loopback() {
         tracing::warn!(
             "listening on non-loopback {listen} (--allow-remote): anyone who can reach it uses your credentials"
         );
     }
-    announce(&listener, &profile)?;
-    server::run(listener, proxy, ServerOptions::default(), shutdown_signal()).await;
+    announce(&listener, &profile, local_token.as_ref())?;
+    let mut allow_hosts = profile.allow_hosts.clone();
+    allow_hosts.extend(args.allow_hosts.iter().cloned());
+    let options = ServerOptions {
+        max_connections: args.max_connections.max(1),
+        allow_hosts,
+        local_token,
+        ..ServerOptions::default()
+    };
+    server::run(listener, proxy, options, shutdown_signal()).await;
     eprintln!("credproxy: stopped");
     Ok(())
 }
@@ -201,8 +250,9 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .map_err(|source| Error::Listen { addr, source })
 }
 
-/// Prints the one line scripts wait for: the bound address (port 0 resolved).
-fn announce(listener: &TcpListener, profile: &Profile) -> Result<()> {
+/// Prints the line scripts wait for (the bound address, port 0 resolved) and, with local
+/// auth, once, the local URL that carries the local credential.
+fn announce(listener: &TcpListener, profile: &Profile, local_token: Option<&Secret>) -> Result<()> {
     let local = listener.local_addr().map_err(|source| Error::Listen {
         addr: profile.listen,
         source,
@@ -213,6 +263,14 @@ fn announce(listener: &TcpListener, profile: &Profile) -> Result<()> {
         "credproxy listening on http://{local} -> {} (profile '{}')",
         profile.server, profile.name
     );
+    if let Some(token) = local_token {
+        let _ = writeln!(
+            out,
+            "local URL (keep it private): http://{}:{}@{local}",
+            crate::guard::LOCAL_USER,
+            token.expose()
+        );
+    }
     let _ = out.flush();
     Ok(())
 }
@@ -252,7 +310,11 @@ pub async fn logout(
     let mut file = config.load()?;
     let had_profile = file.profiles.remove(&name).is_some();
     let key = name.clone();
-    let had_secret = blocking(move || keyring.delete(&key)).await?;
+    let had_secret = blocking(move || {
+        keyring.delete(&local_token_account(&key))?;
+        keyring.delete(&key)
+    })
+    .await?;
     if !had_profile && !had_secret {
         return Err(Error::UnknownProfile {
             profile: name,

@@ -60,6 +60,10 @@ pub struct LoginArgs {
     /// Listen address to save for `serve` (default 127.0.0.1:2283).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<String>,
+    /// Accept only a server key with this SPKI pin (as `credproxy doctor` prints it); a pinned
+    /// self-signed certificate needs no CA. Repeat for a key rollover.
+    #[arg(long = "pin", value_name = "sha256/BASE64")]
+    pub pins: Vec<String>,
 }
 
 /// Arguments of `serve`.
@@ -74,6 +78,15 @@ pub struct ServeArgs {
     /// Allow a non-loopback listen address: anyone who can reach it acts with your credentials.
     #[arg(long)]
     pub allow_remote: bool,
+    /// Require a local credential from clients (kept in the keyring; the URL is printed once).
+    #[arg(long)]
+    pub local_auth: bool,
+    /// Also serve requests whose Host is NAME (or NAME:PORT); loopback names are always served.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_hosts: Vec<String>,
+    /// Client connections served at once; more are refused with 503.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub max_connections: usize,
 }
 
 /// A profile selector.

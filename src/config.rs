@@ -40,6 +40,15 @@ pub struct ProfileEntry {
     /// An extra CA certificate (PEM) to trust for this server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<PathBuf>,
+    /// Accepted server key pins (`sha256/BASE64`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pins: Vec<String>,
+    /// Whether clients must present the local credential.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local_auth: bool,
+    /// Extra Host names served besides the loopback names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_hosts: Vec<String>,
 }
 
 /// A profile after validation: everything the rest of the code needs, in checked form.
@@ -55,6 +64,12 @@ pub struct Profile {
     pub listen: SocketAddr,
     /// An extra CA certificate to trust.
     pub ca_cert: Option<PathBuf>,
+    /// Accepted server key pins (`sha256/BASE64`), already checked.
+    pub pins: Vec<String>,
+    /// Whether clients must present the local credential.
+    pub local_auth: bool,
+    /// Extra Host names served.
+    pub allow_hosts: Vec<String>,
 }
 
 impl Profile {
@@ -69,6 +84,13 @@ impl Profile {
                 None => DEFAULT_LISTEN,
             },
             ca_cert: entry.ca_cert.clone(),
+            pins: entry
+                .pins
+                .iter()
+                .map(|pin| validate_pin(pin))
+                .collect::<Result<_>>()?,
+            local_auth: entry.local_auth,
+            allow_hosts: entry.allow_hosts.clone(),
         })
     }
 
@@ -79,8 +101,20 @@ impl Profile {
             username: self.username.clone(),
             listen: (self.listen != DEFAULT_LISTEN).then(|| self.listen.to_string()),
             ca_cert: self.ca_cert.clone(),
+            pins: self.pins.clone(),
+            local_auth: self.local_auth,
+            allow_hosts: self.allow_hosts.clone(),
         }
     }
+}
+
+/// Checks an SPKI pin's form (`sha256/BASE64` of 32 bytes).
+pub fn validate_pin(pin: &str) -> Result<String> {
+    crate::upstream::parse_pin(pin).map_err(|reason| Error::Invalid {
+        what: "pin",
+        reason,
+    })?;
+    Ok(pin.trim().to_owned())
 }
 
 /// An `https://host[:port]` origin: the single upstream a profile is pinned to.
@@ -407,6 +441,9 @@ mod tests {
             username: "svc".into(),
             listen: parse_listen("127.0.0.1:3000").unwrap(),
             ca_cert: Some("/etc/ca.pem".into()),
+            pins: vec!["sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into()],
+            local_auth: true,
+            allow_hosts: vec!["photos.lan".into()],
         };
         let mut file = ConfigFile::default();
         file.profiles.insert("work".into(), profile.to_entry());

@@ -11,6 +11,7 @@
 //! - [`upstream`]: TLS trust as a value and the pooled HTTPS client (rustls, ring).
 //! - [`proxy`]: pure request/response rewriting and the per-request service.
 //! - [`gate`]: recognising the Authentik outpost's redirects and rejections.
+//! - [`guard`]: the listener's guards: exact Host names, no foreign Origin, local credential.
 //! - [`jar`]: the gate's session cookies, kept per profile and sent back upstream.
 //! - [`body`]: streaming body wrapper (byte counts, idle timeout) and the per-request log.
 //! - [`server`]: the accept loop over an already-bound listener with a shutdown future.
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod doctor;
 pub mod error;
 pub mod gate;
+pub mod guard;
 pub mod jar;
 pub mod proxy;
 pub mod server;

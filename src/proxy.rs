@@ -18,6 +18,7 @@ use crate::config::ServerUrl;
 use crate::credentials::Secret;
 use crate::error::Result;
 use crate::gate::{self, Verdict};
+use crate::guard::Refusal;
 use crate::jar::{self, SessionJar};
 use crate::upstream::{self, ClientOptions, FailureKind, HttpsClient, TlsTrust};
 
@@ -326,6 +327,27 @@ impl Proxy {
     /// The settings this proxy runs with.
     pub fn settings(&self) -> &ProxySettings {
         &self.inner.settings
+    }
+
+    /// Answers a request the listener's guards refused; nothing is forwarded.
+    pub fn refuse<B>(&self, req: &Request<B>, refusal: &Refusal) -> Response<ResponseBody> {
+        let exchange = Exchange::new(
+            req.method().clone(),
+            req.uri().path(),
+            self.inner.stats.clone(),
+        );
+        let message = refusal.message();
+        tracing::warn!("refused {} {}: {message}", req.method(), req.uri().path());
+        let mut response =
+            self.inner
+                .error_response(&exchange, refusal.status(), refusal.code(), message, None);
+        if *refusal == Refusal::LocalAuth {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"credproxy\", charset=\"UTF-8\""),
+            );
+        }
+        response
     }
 
     /// Handles one client request; never fails: problems become error responses.

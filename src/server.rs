@@ -12,6 +12,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
+use crate::credentials::Secret;
+use crate::guard::Guards;
 use crate::proxy::Proxy;
 
 /// Limits and timeouts for client connections.
@@ -25,6 +27,10 @@ pub struct ServerOptions {
     pub max_connections: usize,
     /// How long in-flight requests may run on after shutdown begins.
     pub drain_timeout: Duration,
+    /// Host names served besides the listener's loopback names (`name` or `name:port`).
+    pub allow_hosts: Vec<String>,
+    /// The local credential clients must present, when local auth is on.
+    pub local_token: Option<Secret>,
 }
 
 impl Default for ServerOptions {
@@ -34,12 +40,15 @@ impl Default for ServerOptions {
             max_header_bytes: 64 * 1024,
             max_connections: 1024,
             drain_timeout: Duration::from_secs(30),
+            allow_hosts: Vec::new(),
+            local_token: None,
         }
     }
 }
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then drains in-flight requests
-/// for at most `drain_timeout`.
+/// for at most `drain_timeout`. Every request first passes the listener's [`Guards`]: its
+/// exact `Host` names, no foreign `Origin`, and the local credential when one is set.
 pub async fn run(
     listener: TcpListener,
     proxy: Proxy,
@@ -56,6 +65,11 @@ pub async fn run(
         .header_read_timeout(options.header_read_timeout)
         .max_buf_size(options.max_header_bytes.max(8192));
     let builder = Arc::new(builder);
+    let guards = Arc::new(match listener.local_addr() {
+        Ok(addr) => Guards::for_listener(addr, &options.allow_hosts, options.local_token.as_ref()),
+        // Without a known address, no Host can be matched: refuse everything rather than guess.
+        Err(_) => Guards::refuse_all(),
+    });
 
     tokio::pin!(shutdown);
     loop {
@@ -77,13 +91,21 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
+        let guards = guards.clone();
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
         let done = done_tx.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                let guards = guards.clone();
+                async move {
+                    let response = match guards.check(req.headers()) {
+                        Ok(()) => proxy.handle(req).await,
+                        Err(refusal) => proxy.refuse(&req, &refusal),
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(stream), service)

@@ -9,6 +9,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore};
@@ -25,6 +27,9 @@ pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Tracked<hyper::body
 #[derive(Debug, Clone, Default)]
 pub struct TlsTrust {
     extra_roots: Vec<CertificateDer<'static>>,
+    /// SHA-256 hashes of accepted server keys (SubjectPublicKeyInfo); when any are set, the
+    /// server's key must match one of them, and a match is trusted without a CA (self-signed).
+    pins: Vec<[u8; 32]>,
 }
 
 impl TlsTrust {
@@ -63,6 +68,17 @@ impl TlsTrust {
         Ok(self)
     }
 
+    /// Also requires (and accepts) a server key with this `sha256/BASE64` SPKI pin.
+    pub fn with_pin(mut self, pin: &str) -> Result<Self, String> {
+        self.pins.push(parse_pin(pin)?);
+        Ok(self)
+    }
+
+    /// Whether any key pins are set.
+    pub fn is_pinned(&self) -> bool {
+        !self.pins.is_empty()
+    }
+
     /// Builds the rustls client configuration (ring provider) for this trust.
     pub fn client_config(&self, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>> {
         let mut roots = RootCertStore::empty();
@@ -77,13 +93,100 @@ impl TlsTrust {
                 .map_err(|e| Error::Tls(e.to_string()))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ClientConfig::builder_with_provider(provider)
+        let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut config = if self.pins.is_empty() {
+            builder.with_root_certificates(roots).with_no_client_auth()
+        } else {
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| Error::Tls(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                    pins: self.pins.clone(),
+                    webpki,
+                }))
+                .with_no_client_auth()
+        };
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
+    }
+}
+
+/// Parses `sha256/BASE64` (as `credproxy doctor` prints it) into the 32-byte hash.
+pub fn parse_pin(pin: &str) -> Result<[u8; 32], String> {
+    use base64::Engine as _;
+    let encoded = pin.trim().strip_prefix("sha256/").ok_or_else(|| {
+        format!("'{pin}' is not a pin: expected sha256/BASE64 as `credproxy doctor` prints it")
+    })?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| format!("'{pin}' is not valid base64"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("'{pin}' is not a SHA-256 hash (32 bytes)"))
+}
+
+/// The SHA-256 hash of a certificate's SubjectPublicKeyInfo.
+pub fn spki_sha256(cert: &CertificateDer<'_>) -> Option<[u8; 32]> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw);
+    digest.as_ref().try_into().ok()
+}
+
+/// Trusts exactly the pinned server keys. The handshake signatures are still checked (by
+/// the WebPKI verifier's algorithms), so only a holder of a pinned private key gets through.
+#[derive(Debug)]
+struct PinnedVerifier {
+    pins: Vec<[u8; 32]>,
+    webpki: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        use base64::Engine as _;
+        let hash = spki_sha256(end_entity).ok_or(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::BadEncoding,
+        ))?;
+        if self.pins.contains(&hash) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's key does not match the pinned key; it presents sha256/{}",
+                base64::engine::general_purpose::STANDARD.encode(hash)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
     }
 }
 

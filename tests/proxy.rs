@@ -41,9 +41,10 @@ async fn injects_basic_credentials_and_passes_the_gate() {
 async fn upstream_host_and_sni_are_the_servers() {
     let mock = Mock::start().await;
     let proxy = start_proxy(&mock).await;
+    let client_host = format!("localhost:{}", proxy.addr.port());
     let (response, _) = send(
         proxy.addr,
-        Request::get("/echo").header("host", "127.0.0.1:2283"),
+        Request::get("/echo").header("host", client_host.as_str()),
     )
     .await;
     assert_eq!(response.status(), StatusCode::OK);

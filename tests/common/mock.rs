@@ -6,7 +6,6 @@
 //! the outpost's start URL. Behind it sit a few Immich endpoints and test endpoints.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -61,6 +60,10 @@ pub struct MockState {
     pub stream_gate: Notify,
     /// When set, wrong credentials get the login redirect ("Intercept header authentication" off).
     pub redirect_wrong_credentials: std::sync::atomic::AtomicBool,
+    /// How the last `/upload` ended: `Some(true)` when its body was cut off mid-way.
+    pub upload_aborted: Mutex<Option<bool>>,
+    /// Signalled whenever an `/upload` ends, complete or not.
+    pub upload_done: Notify,
     /// When set, there is no gate at all: Immich answers everyone.
     pub no_gate: std::sync::atomic::AtomicBool,
     /// When set, the host behind the gate is some other web server, not Immich.
@@ -137,11 +140,27 @@ impl Mock {
                             return;
                         };
                         let sni = tls.get_ref().1.server_name().map(str::to_owned);
-                        let service = service_fn(move |req| {
+                        let service = service_fn(move |req: Request<Incoming>| {
                             let state = state.clone();
                             let expected = expected.clone();
                             let sni = sni.clone();
-                            async move { Ok::<_, Infallible>(handle(req, &state, &expected, sni).await) }
+                            async move {
+                                if req.uri().path() == "/die" {
+                                    // Read a little of the upload, then drop the connection.
+                                    let mut body = req.into_body();
+                                    let mut read = 0usize;
+                                    while read < 1024 * 1024 {
+                                        match body.frame().await {
+                                            Some(Ok(frame)) => {
+                                                read += frame.data_ref().map_or(0, |d| d.len())
+                                            }
+                                            _ => break,
+                                        }
+                                    }
+                                    return Err(std::io::Error::other("mock upstream died"));
+                                }
+                                Ok(handle(req, &state, &expected, sni).await)
+                            }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(tls), service)
@@ -427,6 +446,8 @@ async fn upload(req: Request<Incoming>, state: &MockState) -> Response<MockBody>
     let mut total = 0u64;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
+            *state.upload_aborted.lock().unwrap() = Some(true);
+            state.upload_done.notify_one();
             return full(StatusCode::BAD_REQUEST, "text/plain", "aborted");
         };
         if let Some(data) = frame.data_ref() {
@@ -441,6 +462,8 @@ async fn upload(req: Request<Incoming>, state: &MockState) -> Response<MockBody>
             }
         }
     }
+    *state.upload_aborted.lock().unwrap() = Some(false);
+    state.upload_done.notify_one();
     json(serde_json::json!({
         "bytes": total,
         "sha256": hex::encode(hasher.finalize()),
