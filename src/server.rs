@@ -95,6 +95,8 @@ pub async fn run(
         let builder = builder.clone();
         let mut stop = stop_rx.clone();
         let done = done_tx.clone();
+        let slots = slots.clone();
+        let max_connections = options.max_connections;
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
@@ -122,6 +124,11 @@ pub async fn run(
                 tracing::debug!("client connection ended: {err}");
             }
             drop(permit);
+            if slots.available_permits() == max_connections {
+                // The last client left: hand the memory a burst of connections used back to
+                // the system, so an idle proxy returns to its idle footprint.
+                release_free_memory();
+            }
             drop(done);
         });
     }
@@ -143,6 +150,22 @@ pub async fn run(
         tracing::warn!("drain timeout reached; closing the remaining connections");
     }
 }
+
+/// Returns freed heap pages to the system (glibc keeps them in its arenas otherwise).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    unsafe extern "C" {
+        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+    }
+    // SAFETY: malloc_trim only releases free memory held by the allocator; it takes no
+    // pointers and is safe to call from any thread at any time.
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
 
 /// Answers a connection beyond the limit with a short 503 and closes it.
 async fn refuse_busy(mut stream: TcpStream) {
