@@ -1,9 +1,13 @@
 //! The `credproxy` binary: parse, set up logging, run the command, map errors to exit codes.
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser;
 use credproxy::cli::{Cli, Command};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -24,13 +28,23 @@ fn main() -> ExitCode {
     } else {
         "info"
     };
+    // `Targets` ("info", "warn,credproxy=debug") rather than `EnvFilter`: the same syntax for
+    // what we document, without a regex engine in the binary.
+    let filter = std::env::var("CREDPROXY_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<Targets>().ok())
+        .unwrap_or_else(|| {
+            default_filter
+                .parse::<Targets>()
+                .expect("the default filter is a valid level")
+        });
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CREDPROXY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colour escapes only for a terminal, never in log files.
+        .with_ansi(std::io::stderr().is_terminal())
+        .finish()
+        .with(filter)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
