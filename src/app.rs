@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::auth::Scheme;
 use crate::check::Checker;
 use crate::cli::{Cli, Command, LoginArgs, ServeArgs};
 use crate::config::{self, ConfigStore, Profile, ServerUrl};
 use crate::credentials::{CredentialStore, KeyringStore, Secret};
 use crate::error::{Error, Result};
-use crate::proxy::{self, Proxy, ProxySettings};
+use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{self, ServerOptions};
 use crate::upstream::{ClientOptions, TlsTrust};
 
@@ -30,6 +31,15 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Profiles => profiles(&config),
         Command::Doctor(args) => doctor(&config, keyring, &args.profile).await,
         Command::Demo(args) => crate::demo::run(&args.listen, args.keep_running).await,
+        Command::Service(args) => service(&config, args.action),
+        Command::Completions(args) => {
+            completions(args.shell);
+            Ok(())
+        }
+        Command::Man => {
+            man();
+            Ok(())
+        }
     }
 }
 
@@ -56,10 +66,23 @@ pub async fn login(
         })?),
         None => None,
     };
+    let scheme = Scheme::new(&args.auth, &args.headers)?;
+    let username = match (&scheme, &args.username) {
+        (Scheme::Basic, Some(name)) => config::validate_username(name)?,
+        (Scheme::Basic, None) => {
+            return Err(Error::Invalid {
+                what: "username",
+                reason: "--auth basic needs --username NAME (the Authentik service account)"
+                    .to_owned(),
+            });
+        }
+        (_, name) => name.clone().unwrap_or_default(),
+    };
     let mut profile = Profile {
         name: config::validate_profile_name(&args.profile)?,
         server: ServerUrl::parse(&args.server)?,
-        username: config::validate_username(&args.username)?,
+        username,
+        auth: scheme,
         listen: match &args.listen {
             Some(listen) => config::parse_listen(listen)?,
             None => config::DEFAULT_LISTEN,
@@ -80,13 +103,14 @@ pub async fn login(
         profile.local_auth = previous.local_auth;
         profile.allow_hosts = previous.allow_hosts.clone();
     }
-    let password = read_password(
-        args.password_stdin,
-        &format!(
-            "App password for {} at {}: ",
-            profile.username, profile.server
-        ),
-    )?;
+    let prompts: Vec<String> = profile
+        .auth
+        .prompts(&profile.username)
+        .into_iter()
+        .map(|p| format!("{p} at {}: ", profile.server))
+        .collect();
+    let password = read_secret(args.password_stdin, &prompts)?;
+    let credentials = profile.auth.injection(&profile.username, &password)?;
     if args.no_verify {
         eprintln!("credproxy: not verifying the credentials (--no-verify)");
     } else {
@@ -96,10 +120,7 @@ pub async fn login(
             CHECK_TIMEOUT,
         );
         checker
-            .verify_credentials(
-                &profile.username,
-                &proxy::basic_auth(&profile.username, &password),
-            )
+            .verify_credentials(&profile.username, &credentials)
             .await?;
         eprintln!(
             "credproxy: {} accepted the credentials and Immich answered",
@@ -128,13 +149,20 @@ fn profile_flag(name: &str) -> String {
     }
 }
 
-/// Reads the app password from stdin (`--password-stdin`) or a hidden terminal prompt.
-pub fn read_password(from_stdin: bool, prompt: &str) -> Result<Secret> {
-    let mut raw = zeroize::Zeroizing::new(String::new());
+/// Reads a scheme's secret values from stdin (`--password-stdin`, one line per value) or
+/// hidden terminal prompts; returns them joined by newlines, as the keyring keeps them.
+pub fn read_secret(from_stdin: bool, prompts: &[String]) -> Result<Secret> {
+    let mut values: Vec<zeroize::Zeroizing<String>> = Vec::new();
     if from_stdin {
+        let mut raw = zeroize::Zeroizing::new(String::new());
         std::io::stdin()
             .read_to_string(&mut raw)
             .map_err(|e| Error::Password(e.to_string()))?;
+        values.extend(
+            raw.trim_end_matches(['\r', '\n'])
+                .split('\n')
+                .map(|line| zeroize::Zeroizing::new(line.trim_end_matches('\r').to_owned())),
+        );
     } else {
         if !std::io::stdin().is_terminal() {
             return Err(Error::Password(
@@ -142,18 +170,24 @@ pub fn read_password(from_stdin: bool, prompt: &str) -> Result<Secret> {
                     .to_owned(),
             ));
         }
-        *raw = rpassword::prompt_password(prompt).map_err(|e| Error::Password(e.to_string()))?;
+        for prompt in prompts {
+            values.push(zeroize::Zeroizing::new(
+                rpassword::prompt_password(prompt).map_err(|e| Error::Password(e.to_string()))?,
+            ));
+        }
     }
-    let password = raw.trim_end_matches(['\r', '\n']);
-    if password.is_empty() {
+    if values.len() != prompts.len() {
+        return Err(Error::Password(format!(
+            "expected {} line(s) on standard input, one per value, got {}",
+            prompts.len(),
+            values.len()
+        )));
+    }
+    if values.iter().any(|v| v.is_empty()) {
         return Err(Error::Password("the password is empty".to_owned()));
     }
-    if password.contains(['\r', '\n']) {
-        return Err(Error::Password(
-            "the password spans several lines; give exactly one line".to_owned(),
-        ));
-    }
-    Ok(Secret::new(password.to_owned()))
+    let joined: Vec<&str> = values.iter().map(|v| v.as_str()).collect();
+    Ok(Secret::new(joined.join("\n")))
 }
 
 fn trust_for(profile: &Profile) -> Result<TlsTrust> {
@@ -175,28 +209,114 @@ fn local_token_account(profile: &str) -> String {
     format!("local-auth:{profile}")
 }
 
-/// `serve`: load the profile and secret, bind, serve until a signal.
+/// `serve`: load each profile and its secret, bind, serve until a signal.
 pub async fn serve(
     config: &ConfigStore,
     keyring: Arc<dyn CredentialStore>,
     args: ServeArgs,
 ) -> Result<()> {
-    let profile = config.profile(&config::validate_profile_name(&args.profile)?)?;
+    let names = if args.profiles.is_empty() {
+        vec![config::DEFAULT_PROFILE.to_owned()]
+    } else {
+        args.profiles.clone()
+    };
+    if names.len() > 1 && args.listen.is_some() {
+        return Err(Error::Invalid {
+            what: "--listen",
+            reason: "with several --profile, each listens on its profile's own address (set it with `credproxy login --listen`)".to_owned(),
+        });
+    }
+    let admin = match &args.admin {
+        Some(addr) => {
+            let addr = config::parse_listen(addr)?;
+            config::check_loopback(addr, false)?;
+            Some(addr)
+        }
+        None => None,
+    };
+    let mut served = Vec::new();
+    for name in &names {
+        served.push(prepare(config, keyring.clone(), &args, name).await?);
+    }
+    let mut seen = Vec::new();
+    for (profile, listen, ..) in &served {
+        if listen.port() != 0 && (seen.contains(listen) || admin == Some(*listen)) {
+            return Err(Error::Invalid {
+                what: "listen address",
+                reason: format!(
+                    "{listen} (profile '{}') is used twice; give each profile and the admin listener its own port",
+                    profile.name
+                ),
+            });
+        }
+        seen.push(*listen);
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut proxies = Vec::new();
+    for (profile, listen, proxy, token) in served {
+        let listener = bind(listen).await?;
+        if !listen.ip().is_loopback() {
+            tracing::warn!(
+                "listening on non-loopback {listen} (--allow-remote): anyone who can reach it uses your credentials"
+            );
+        }
+        announce(&listener, &profile, token.as_ref())?;
+        let mut allow_hosts = profile.allow_hosts.clone();
+        allow_hosts.extend(args.allow_hosts.iter().cloned());
+        let options = ServerOptions {
+            max_connections: args.max_connections.max(1),
+            allow_hosts,
+            local_token: token,
+            ..ServerOptions::default()
+        };
+        proxies.push(proxy.clone());
+        tasks.spawn(server::run(listener, proxy, options, stopped()));
+    }
+    if let Some(addr) = admin {
+        let listener = bind(addr).await?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| Error::Listen { addr, source })?;
+        println!("credproxy admin on http://{local} (/healthz, /metrics)");
+        tasks.spawn(crate::admin::run(listener, proxies, stopped()));
+    }
+    let _ = std::io::stdout().flush();
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    eprintln!("credproxy: stopped");
+    Ok(())
+}
+
+/// Loads one profile for `serve`: its listen address, proxy and local credential.
+async fn prepare(
+    config: &ConfigStore,
+    keyring: Arc<dyn CredentialStore>,
+    args: &ServeArgs,
+    name: &str,
+) -> Result<(Profile, SocketAddr, Proxy, Option<Secret>)> {
+    let profile = config.profile(&config::validate_profile_name(name)?)?;
     let listen = match &args.listen {
         Some(listen) => config::parse_listen(listen)?,
         None => profile.listen,
     };
     config::check_loopback(listen, args.allow_remote)?;
-    let name = profile.name.clone();
+    let account = profile.name.clone();
     let store = keyring.clone();
-    let password =
-        blocking(move || store.get(&name))
-            .await?
-            .ok_or_else(|| Error::MissingSecret {
-                profile: profile.name.clone(),
-                server: profile.server.to_string(),
-                username: profile.username.clone(),
-            })?;
+    let password = blocking(move || store.get(&account))
+        .await?
+        .ok_or_else(|| Error::MissingSecret {
+            profile: profile.name.clone(),
+            server: profile.server.to_string(),
+            username: profile.username.clone(),
+        })?;
     let settings = ProxySettings {
         profile: profile.name.clone(),
         server: profile.server.clone(),
@@ -205,9 +325,9 @@ pub async fn serve(
         client: ClientOptions::default(),
         idle_timeout: Duration::from_secs(300),
     };
-    let proxy = Proxy::new(settings, &password)?;
+    let proxy = Proxy::with_scheme(settings, &profile.auth, &password)?;
     drop(password);
-    let local_token = if args.local_auth || profile.local_auth {
+    let token = if args.local_auth || profile.local_auth {
         let account = local_token_account(&profile.name);
         Some(
             blocking(move || match keyring.get(&account)? {
@@ -223,24 +343,7 @@ pub async fn serve(
     } else {
         None
     };
-    let listener = bind(listen).await?;
-    if !listen.ip().is_loopback() {
-        tracing::warn!(
-            "listening on non-loopback {listen} (--allow-remote): anyone who can reach it uses your credentials"
-        );
-    }
-    announce(&listener, &profile, local_token.as_ref())?;
-    let mut allow_hosts = profile.allow_hosts.clone();
-    allow_hosts.extend(args.allow_hosts.iter().cloned());
-    let options = ServerOptions {
-        max_connections: args.max_connections.max(1),
-        allow_hosts,
-        local_token,
-        ..ServerOptions::default()
-    };
-    server::run(listener, proxy, options, shutdown_signal()).await;
-    eprintln!("credproxy: stopped");
-    Ok(())
+    Ok((profile, listen, proxy, token))
 }
 
 /// Binds the listen socket, with a clear error when the address is taken.
@@ -413,6 +516,7 @@ pub async fn doctor(
     let network = doctor::network_steps(&doctor::Target {
         checker: &checker,
         username: &profile.username,
+        scheme: &profile.auth,
         secret: secret.as_ref(),
         login_command: login,
     })
@@ -445,19 +549,125 @@ pub fn profiles(config: &ConfigStore) -> Result<()> {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<40} {:<24} LISTEN",
-        "PROFILE", "SERVER", "USERNAME"
+        "{:<16} {:<40} {:<24} {:<18} LISTEN",
+        "PROFILE", "SERVER", "USERNAME", "AUTH"
     );
     for (name, entry) in &file.profiles {
         let listen = entry
             .listen
             .clone()
             .unwrap_or_else(|| config::DEFAULT_LISTEN.to_string());
+        let auth = entry.auth.as_deref().unwrap_or("basic");
+        let username = if entry.username.is_empty() {
+            "-"
+        } else {
+            &entry.username
+        };
         let _ = writeln!(
             out,
-            "{name:<16} {:<40} {:<24} {listen}",
-            entry.server, entry.username
+            "{name:<16} {:<40} {username:<24} {auth:<18} {listen}",
+            entry.server
         );
     }
     Ok(())
+}
+
+/// The service definition for a profile: this executable, this config file, both absolute.
+fn service_spec(config: &ConfigStore, profile: &str) -> Result<crate::service::ServiceSpec> {
+    let exe = std::env::current_exe().map_err(|e| Error::Invalid {
+        what: "executable path",
+        reason: format!("cannot find this program's own path: {e}"),
+    })?;
+    let config_path = std::path::absolute(config.path()).map_err(|e| Error::Invalid {
+        what: "config file path",
+        reason: format!("{}: {e}", config.path().display()),
+    })?;
+    crate::service::ServiceSpec::new(profile, &exe, &config_path)
+}
+
+/// `service install|uninstall|status`: the profile's proxy as a service started at logon.
+pub fn service(config: &ConfigStore, action: crate::cli::ServiceAction) -> Result<()> {
+    use crate::cli::ServiceAction;
+    use crate::service::{self, FileState};
+    match action {
+        ServiceAction::Install(args) => {
+            let name = config::validate_profile_name(&args.profile)?;
+            // A service for a profile that does not exist would only fail at every start.
+            config.profile(&name)?;
+            let installed = service::install(&service_spec(config, &name)?)?;
+            eprintln!(
+                "credproxy: installed and started {} ({}); it starts at every logon; logs: {}",
+                installed.name,
+                installed.path.display(),
+                installed.logs
+            );
+            Ok(())
+        }
+        ServiceAction::Uninstall(args) => {
+            let name = config::validate_profile_name(&args.profile)?;
+            let removed = service::uninstall(&name)?;
+            eprintln!(
+                "credproxy: stopped {} and removed {}",
+                removed.name,
+                removed.path.display()
+            );
+            if let Some(warning) = removed.warning {
+                eprintln!("credproxy: warning: {warning}");
+            }
+            Ok(())
+        }
+        ServiceAction::Status(args) => {
+            let name = config::validate_profile_name(&args.profile)?;
+            let status = service::status(&service_spec(config, &name)?)?;
+            let file = match status.file {
+                FileState::Missing => "not installed",
+                FileState::Current => "installed",
+                FileState::Stale => {
+                    "installed, but for another binary or config file: run `credproxy service install` again"
+                }
+            };
+            let state = match &status.state {
+                Ok(state) => state.clone(),
+                Err(reason) => format!("unknown ({reason})"),
+            };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "service: {}", status.name);
+            let _ = writeln!(out, "file:    {} ({file})", status.path.display());
+            let _ = writeln!(out, "state:   {state}");
+            let _ = writeln!(out, "logs:    {}", status.logs);
+            drop(out);
+            if status.file == FileState::Missing && !status.running {
+                Err(Error::ServiceNotInstalled {
+                    profile: name,
+                    path: status.path,
+                })
+            } else if !status.running {
+                Err(Error::ServiceNotRunning {
+                    name: status.name,
+                    state,
+                    fix: format!(
+                        "see why in `{}`; start it with `credproxy service install --profile {name}`",
+                        status.logs
+                    ),
+                })
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `completions SHELL`: the completion script, generated from the clap definitions.
+pub fn completions(shell: clap_complete::Shell) {
+    use clap::CommandFactory as _;
+    // Into a buffer first: `generate` panics on a write error such as a closed pipe.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "credproxy", &mut script);
+    let _ = std::io::stdout().lock().write_all(&script);
+}
+
+/// `man`: the roff man page, generated from the clap definitions.
+pub fn man() {
+    use clap::CommandFactory as _;
+    let _ = clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout().lock());
 }

@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use crate::auth::Injection;
 use crate::config::ServerUrl;
 use crate::gate::{self, Verdict};
 
@@ -227,28 +228,61 @@ impl Checker {
             .collect())
     }
 
-    /// Connects afresh and sends `GET path`, with `authorization` if given.
+    /// The key pin of the certificate the server presents, read WITHOUT verifying it: only for
+    /// showing the user what to pin after verification failed. Nothing is sent over it.
+    pub async fn presented_pin(&self) -> Result<String, CheckError> {
+        let addrs = self.resolve().await?;
+        let tcp = self.connect(&addrs).await?;
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| CheckError::Tls {
+                    server: self.server.to_string(),
+                    detail: e.to_string(),
+                })?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ReadOnly))
+                .with_no_client_auth();
+        config.alpn_protocols = Vec::new();
+        let checker = Checker {
+            tls: Arc::new(config),
+            ..self.clone()
+        };
+        let tls = checker.handshake(tcp).await?;
+        tls.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(CertSummary::of)
+            .map(|leaf| leaf.spki_pin)
+            .ok_or_else(|| CheckError::Tls {
+                server: self.server.to_string(),
+                detail: "the server presented no readable certificate".to_owned(),
+            })
+    }
+
+    /// Connects afresh and sends `GET path`, with `credentials` if given.
     pub async fn get(
         &self,
         path: &str,
-        authorization: Option<&HeaderValue>,
+        credentials: Option<&Injection>,
     ) -> Result<CheckResponse, CheckError> {
-        self.send(path, authorization, false).await
+        self.send(path, credentials, false).await
     }
 
     /// Asks for a websocket upgrade of `path`; returns the answer (101 when it worked).
     pub async fn websocket(
         &self,
         path: &str,
-        authorization: Option<&HeaderValue>,
+        credentials: Option<&Injection>,
     ) -> Result<CheckResponse, CheckError> {
-        self.send(path, authorization, true).await
+        self.send(path, credentials, true).await
     }
 
     async fn send(
         &self,
         path: &str,
-        authorization: Option<&HeaderValue>,
+        credentials: Option<&Injection>,
         websocket: bool,
     ) -> Result<CheckResponse, CheckError> {
         let addrs = self.resolve().await?;
@@ -271,10 +305,8 @@ impl Checker {
                 )
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| http_err(&e))?;
-            if let Some(auth) = authorization {
-                request
-                    .headers_mut()
-                    .insert(header::AUTHORIZATION, auth.clone());
+            if let Some(credentials) = credentials {
+                credentials.apply(request.headers_mut());
             }
             if websocket {
                 let headers = request.headers_mut();
@@ -313,9 +345,9 @@ impl Checker {
     pub async fn verify_credentials(
         &self,
         username: &str,
-        authorization: &HeaderValue,
+        credentials: &Injection,
     ) -> Result<(), CheckError> {
-        let response = self.get(PING_PATH, Some(authorization)).await?;
+        let response = self.send(PING_PATH, Some(credentials), false).await?;
         match gate::classify(response.status, &response.headers) {
             Verdict::Passed => {}
             verdict => {
@@ -340,6 +372,47 @@ impl Checker {
                     .to_owned(),
             })
         }
+    }
+}
+
+/// Accepts any certificate: used only by [`Checker::presented_pin`] to read it.
+#[derive(Debug)]
+struct ReadOnly;
+
+impl rustls::client::danger::ServerCertVerifier for ReadOnly {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

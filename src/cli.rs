@@ -34,6 +34,12 @@ pub enum Command {
     Doctor(ProfileArgs),
     /// Show the proxy working against a built-in local stand-in for an Authentik-gated Immich.
     Demo(DemoArgs),
+    /// Run `serve` for a profile at logon: a systemd user unit (Linux) or launchd agent (macOS).
+    Service(ServiceArgs),
+    /// Print a shell completion script to standard output.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) to standard output.
+    Man,
 }
 
 /// Arguments of `login`.
@@ -42,16 +48,23 @@ pub struct LoginArgs {
     /// The Authentik-fronted Immich URL, e.g. https://immich.example.com.
     #[arg(long, value_name = "URL")]
     pub server: String,
-    /// The Authentik service account's username.
+    /// The Authentik service account's username (needed for --auth basic).
     #[arg(long, value_name = "NAME")]
-    pub username: String,
+    pub username: Option<String>,
+    /// How the gate authenticates: basic (Authentik app password), cloudflare-access (service
+    /// token id and secret) or header (values for the --header names).
+    #[arg(long, default_value = "basic", value_name = "SCHEME")]
+    pub auth: String,
+    /// A header the `header` scheme sets (repeatable, e.g. P-Access-Token-Id, P-Access-Token).
+    #[arg(long = "header", value_name = "NAME")]
+    pub headers: Vec<String>,
     /// Profile name (also the keyring account).
     #[arg(long, default_value = DEFAULT_PROFILE, value_name = "NAME")]
     pub profile: String,
     /// Extra CA certificate (PEM) to trust for this server, e.g. a homelab CA.
     #[arg(long, value_name = "PEM_FILE")]
     pub ca_cert: Option<PathBuf>,
-    /// Read the app password from standard input instead of a hidden prompt.
+    /// Read the secret from standard input instead of a hidden prompt (one line per value).
     #[arg(long)]
     pub password_stdin: bool,
     /// Store without checking the credentials against the server.
@@ -69,10 +82,10 @@ pub struct LoginArgs {
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Profile to serve.
-    #[arg(long, default_value = DEFAULT_PROFILE, value_name = "NAME")]
-    pub profile: String,
-    /// Listen address, overriding the profile's (default 127.0.0.1:2283).
+    /// Profile to serve; repeat to serve several, each on its own listen address.
+    #[arg(long = "profile", value_name = "NAME")]
+    pub profiles: Vec<String>,
+    /// Listen address, overriding the profile's (default 127.0.0.1:2283); one profile only.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<String>,
     /// Allow a non-loopback listen address: anyone who can reach it acts with your credentials.
@@ -87,6 +100,9 @@ pub struct ServeArgs {
     /// Client connections served at once; more are refused with 503.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_connections: usize,
+    /// Serve /healthz and Prometheus /metrics on this loopback address (never a proxied port).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin: Option<String>,
 }
 
 /// A profile selector.
@@ -106,4 +122,31 @@ pub struct DemoArgs {
     /// Keep the stand-in and proxy running after the demonstration, until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
+}
+
+/// Arguments of `service`.
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// What to do with the service.
+    #[command(subcommand)]
+    pub action: ServiceAction,
+}
+
+/// The `service` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServiceAction {
+    /// Write the service for a profile, enable it and (re)start it.
+    Install(ProfileArgs),
+    /// Stop and disable a profile's service and remove its file.
+    Uninstall(ProfileArgs),
+    /// Show whether a profile's service is installed, current and running.
+    Status(ProfileArgs),
+}
+
+/// Arguments of `completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }

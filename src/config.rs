@@ -32,8 +32,15 @@ pub struct ConfigFile {
 pub struct ProfileEntry {
     /// The Authentik-fronted Immich URL, e.g. `https://immich.example.com`.
     pub server: String,
-    /// The Authentik service account's username.
+    /// The Authentik service account's username (Basic only).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub username: String,
+    /// The auth scheme: `basic` (default), `cloudflare-access` or `header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<String>,
+    /// The header names of the `header` scheme.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
     /// Where `serve` listens, e.g. `127.0.0.1:2283`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
@@ -58,8 +65,10 @@ pub struct Profile {
     pub name: String,
     /// The one upstream this profile talks to.
     pub server: ServerUrl,
-    /// The Authentik username sent in Basic credentials.
+    /// The Authentik username sent in Basic credentials (empty for other schemes).
     pub username: String,
+    /// How the gate is authenticated.
+    pub auth: crate::auth::Scheme,
     /// The listen address for `serve`.
     pub listen: SocketAddr,
     /// An extra CA certificate to trust.
@@ -75,10 +84,18 @@ pub struct Profile {
 impl Profile {
     /// Validates a stored profile entry.
     pub fn from_entry(name: &str, entry: &ProfileEntry) -> Result<Self> {
+        let auth =
+            crate::auth::Scheme::new(entry.auth.as_deref().unwrap_or("basic"), &entry.headers)?;
+        let username = if auth == crate::auth::Scheme::Basic {
+            validate_username(&entry.username)?
+        } else {
+            entry.username.clone()
+        };
         Ok(Self {
             name: validate_profile_name(name)?,
             server: ServerUrl::parse(&entry.server)?,
-            username: validate_username(&entry.username)?,
+            username,
+            auth,
             listen: match &entry.listen {
                 Some(listen) => parse_listen(listen)?,
                 None => DEFAULT_LISTEN,
@@ -99,6 +116,8 @@ impl Profile {
         ProfileEntry {
             server: self.server.to_string(),
             username: self.username.clone(),
+            auth: (self.auth != crate::auth::Scheme::Basic).then(|| self.auth.name().to_owned()),
+            headers: self.auth.stored_header_names(),
             listen: (self.listen != DEFAULT_LISTEN).then(|| self.listen.to_string()),
             ca_cert: self.ca_cert.clone(),
             pins: self.pins.clone(),
@@ -439,6 +458,7 @@ mod tests {
             name: "work".into(),
             server: ServerUrl::parse("https://immich.example.com").unwrap(),
             username: "svc".into(),
+            auth: crate::auth::Scheme::Basic,
             listen: parse_listen("127.0.0.1:3000").unwrap(),
             ca_cert: Some("/etc/ca.pem".into()),
             pins: vec!["sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into()],

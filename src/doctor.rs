@@ -5,10 +5,10 @@ use std::fmt;
 
 use http::{StatusCode, header};
 
+use crate::auth::{Injection, Scheme};
 use crate::check::{CheckError, Checker, PING_PATH, is_pong};
 use crate::credentials::Secret;
 use crate::gate::{self, Verdict};
-use crate::proxy::basic_auth;
 
 /// Immich's socket.io endpoint with the websocket transport, as its clients open it.
 pub const SOCKET_IO_PATH: &str = "/api/socket.io/?EIO=4&transport=websocket";
@@ -98,8 +98,10 @@ impl fmt::Display for Step {
 pub struct Target<'a> {
     /// Runs the individual requests.
     pub checker: &'a Checker,
-    /// The Authentik username.
+    /// The Authentik username (Basic only).
     pub username: &'a str,
+    /// The profile's auth scheme.
+    pub scheme: &'a Scheme,
     /// The stored secret, when there is one.
     pub secret: Option<&'a Secret>,
     /// The command that stores fresh credentials, for fix hints.
@@ -137,7 +139,15 @@ pub async fn network_steps(target: &Target<'_>) -> Vec<Step> {
     match checker.certificates().await {
         Ok(chain) => steps.push(tls_step(&chain)),
         Err(e) => {
-            steps.push(failure("tls", &e));
+            let mut step = failure("tls", &e);
+            // For a self-signed homelab host, the fix is to pin the key it presents.
+            if let Ok(pin) = checker.presented_pin().await {
+                step.fix = Some(format!(
+                    "the server presents key pin {pin}; if that is your server, add `--pin {pin}` to {}, or pass its CA with --ca-cert",
+                    target.login_command
+                ));
+            }
+            steps.push(step);
             return skip_rest(steps, "no TLS session");
         }
     }
@@ -149,7 +159,19 @@ pub async fn network_steps(target: &Target<'_>) -> Vec<Step> {
         }
         return steps;
     };
-    let auth = basic_auth(target.username, secret);
+    let auth = match target.scheme.injection(target.username, secret) {
+        Ok(auth) => auth,
+        Err(e) => {
+            steps.push(Step::fail(
+                "credentials",
+                e.to_string(),
+                target.login_command.clone(),
+            ));
+            steps.push(Step::skipped("immich", "no usable credentials"));
+            steps.push(Step::skipped("websocket", "no usable credentials"));
+            return steps;
+        }
+    };
     let accepted = match checker.verify_credentials(target.username, &auth).await {
         Ok(()) => {
             steps.push(Step::pass(
@@ -257,7 +279,7 @@ async fn gate_without_credentials(checker: &Checker) -> Step {
     }
 }
 
-async fn immich_version(checker: &Checker, auth: &http::HeaderValue) -> Step {
+async fn immich_version(checker: &Checker, auth: &Injection) -> Step {
     match checker.get("/api/server/version", Some(auth)).await {
         Ok(r) if r.status == StatusCode::OK => {
             let version = serde_json::from_slice::<serde_json::Value>(&r.body)

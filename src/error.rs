@@ -110,6 +110,57 @@ pub enum Error {
     /// The built-in demonstration could not run or did not behave as expected.
     #[error("the demo failed: {0}")]
     Demo(String),
+    /// `credproxy service` has no service manager to drive on this platform.
+    #[error(
+        "`credproxy service` drives systemd user units on linux and launchd agents on macos, not {os}; see the README section \"Run it as a service\" to start `credproxy serve` at logon"
+    )]
+    ServiceUnsupported {
+        /// The platform.
+        os: &'static str,
+    },
+    /// A service file could not be read, written or removed.
+    #[error("cannot {action} service file {path}")]
+    ServiceFile {
+        /// What was being done.
+        action: &'static str,
+        /// The unit or plist file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The service manager could not be reached or refused a step.
+    #[error("{done}, but `{command}` failed: {detail}; {fix}")]
+    ServiceManager {
+        /// What was done before the failure.
+        done: String,
+        /// The command that failed.
+        command: String,
+        /// What it said.
+        detail: String,
+        /// What to run by hand.
+        fix: String,
+    },
+    /// No service is installed for the profile.
+    #[error(
+        "no service is installed for profile '{profile}' (no {path}); install it with `credproxy service install --profile {profile}`"
+    )]
+    ServiceNotInstalled {
+        /// The profile.
+        profile: String,
+        /// Where its service file would be.
+        path: PathBuf,
+    },
+    /// The profile's service is installed but the proxy is not running.
+    #[error("the service {name} is {state}; {fix}")]
+    ServiceNotRunning {
+        /// The unit name or launchd label.
+        name: String,
+        /// The manager's view, or why it could not be asked.
+        state: String,
+        /// Where to look next.
+        fix: String,
+    },
     /// Checking the server and credentials failed.
     #[error(transparent)]
     Check(#[from] CheckError),

@@ -4,7 +4,9 @@
 //! # Layout
 //!
 //! - [`cli`]: clap types only; the binary parses them and hands them to [`app`].
+//! - [`admin`]: the optional admin listener: `/healthz` and Prometheus `/metrics`.
 //! - [`app`]: the commands (`login`, `serve`, `logout`, `profiles`, `doctor`), validate-then-run.
+//! - [`auth`]: auth schemes (basic, cloudflare-access, header) and the headers they inject.
 //! - [`config`]: validated settings and the TOML profile file (never secrets).
 //! - [`credentials`]: the [`Secret`](credentials::Secret) type, the store trait, the OS
 //!   keyring store and an in-memory store.
@@ -15,12 +17,15 @@
 //! - [`jar`]: the gate's session cookies, kept per profile and sent back upstream.
 //! - [`body`]: streaming body wrapper (byte counts, idle timeout) and the per-request log.
 //! - [`server`]: the accept loop over an already-bound listener with a shutdown future.
+//! - [`service`]: `serve` as a systemd user unit or launchd agent; the unit and plist texts.
 //! - [`check`]: step-by-step checks (DNS, TCP, TLS, gate, Immich) with precise errors.
 //! - [`doctor`]: the step-by-step diagnosis behind `credproxy doctor`.
 //! - [`demo`]: a local stand-in for a gated Immich host and the `demo` command.
 //! - [`error`]: the core error type.
 
+pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod body;
 pub mod check;
 pub mod cli;
@@ -34,6 +39,7 @@ pub mod guard;
 pub mod jar;
 pub mod proxy;
 pub mod server;
+pub mod service;
 pub mod upstream;
 
 pub use error::{Error, Result};

@@ -3,7 +3,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
@@ -13,6 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use crate::auth::{self, Injection};
 use crate::body::{Direction, Exchange, Full, ResponseBody, Stats, Tracked};
 use crate::config::ServerUrl;
 use crate::credentials::Secret;
@@ -67,14 +67,7 @@ impl Target {
 
 /// Builds `Authorization: Basic base64(username:password)`, marked sensitive.
 pub fn basic_auth(username: &str, password: &Secret) -> HeaderValue {
-    let joined = zeroize::Zeroizing::new(format!("{username}:{}", password.expose()));
-    let encoded = zeroize::Zeroizing::new(
-        base64::engine::general_purpose::STANDARD.encode(joined.as_bytes()),
-    );
-    let mut value = HeaderValue::from_str(&format!("Basic {}", encoded.as_str()))
-        .expect("base64 text is a valid header value");
-    value.set_sensitive(true);
-    value
+    crate::auth::basic_value(username, password)
 }
 
 /// Removes hop-by-hop headers: the fixed set and every header named in `Connection`.
@@ -122,12 +115,12 @@ pub enum RewriteError {
 /// Path and query stay unchanged; scheme, authority and `Host` become the upstream's;
 /// hop-by-hop headers go; a client's `Authorization: Bearer T` moves to
 /// `x-immich-user-token` (Immich reads it there), any other client credential is dropped,
-/// and `auth` is set. The gate's session cookies (`session`) join the client's cookies.
+/// and the profile's `credentials` are set. The gate's session cookies (`session`) join the client's cookies.
 /// Upgrade requests keep `Connection: upgrade` and `Upgrade`.
 pub fn rewrite_request(
     parts: &mut http::request::Parts,
     target: &Target,
-    auth: &HeaderValue,
+    credentials: &Injection,
     session: Option<HeaderValue>,
 ) -> Result<(), RewriteError> {
     if parts.method == Method::CONNECT {
@@ -160,7 +153,7 @@ pub fn rewrite_request(
         token.set_sensitive(true);
         headers.insert(IMMICH_USER_TOKEN, token);
     }
-    headers.insert(header::AUTHORIZATION, auth.clone());
+    credentials.apply(headers);
     headers.insert(header::HOST, target.host.clone());
     jar::merge_cookies(headers, session);
     if let Some(protocol) = upgrade {
@@ -296,20 +289,29 @@ struct Inner {
     settings: ProxySettings,
     target: Target,
     client: HttpsClient,
-    auth: HeaderValue,
+    credentials: Injection,
     backoff: Backoff,
     jar: SessionJar,
     stats: Arc<Stats>,
 }
 
 impl Proxy {
-    /// Builds the proxy: TLS client, pinned target and credentials.
+    /// Builds the proxy with Basic credentials: TLS client, pinned target and credentials.
     pub fn new(settings: ProxySettings, password: &Secret) -> Result<Self> {
+        Self::with_scheme(settings, &auth::Scheme::Basic, password)
+    }
+
+    /// Builds the proxy for any auth scheme; `secret` holds the scheme's stored value(s).
+    pub fn with_scheme(
+        settings: ProxySettings,
+        scheme: &auth::Scheme,
+        secret: &Secret,
+    ) -> Result<Self> {
         let client = upstream::build_client(&settings.trust, &settings.client)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 target: Target::new(&settings.server),
-                auth: basic_auth(&settings.username, password),
+                credentials: scheme.injection(&settings.username, secret)?,
                 client,
                 settings,
                 backoff: Backoff::default(),
@@ -322,6 +324,11 @@ impl Proxy {
     /// Totals across every exchange so far.
     pub fn stats(&self) -> &Stats {
         &self.inner.stats
+    }
+
+    /// Whether the gate's last answer rejected the credentials and a back-off is running.
+    pub fn credentials_rejected(&self) -> bool {
+        self.inner.backoff.active().is_some()
     }
 
     /// The settings this proxy runs with.
@@ -366,7 +373,7 @@ impl Proxy {
         let client_host = req.headers().get(header::HOST).cloned();
         let (mut parts, body) = req.into_parts();
         let session = inner.jar.cookie_header();
-        if let Err(err) = rewrite_request(&mut parts, &inner.target, &inner.auth, session) {
+        if let Err(err) = rewrite_request(&mut parts, &inner.target, &inner.credentials, session) {
             return inner.error_response(
                 &exchange,
                 StatusCode::BAD_REQUEST,
@@ -442,6 +449,9 @@ impl Inner {
         verdict: Verdict,
         retry_after: Duration,
     ) -> Response<ResponseBody> {
+        self.stats
+            .auth_rejections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let secs = retry_after.as_secs().max(1);
         let message = format!(
             "{} for profile '{}' at {}; credproxy pauses sending them for {secs} s so Authentik is not flooded",
@@ -467,6 +477,9 @@ impl Inner {
         exchange: &Exchange,
         err: &hyper_util::client::legacy::Error,
     ) -> Response<ResponseBody> {
+        self.stats
+            .upstream_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (kind, detail) = upstream::describe_failure(err);
         let server = &self.settings.server;
         let (status, code, message, fix) = match kind {
@@ -640,7 +653,7 @@ mod tests {
             Request::get("http://127.0.0.1:2283/api/assets/x/original?size=preview&a=%2F")
                 .header("host", "127.0.0.1:2283"),
         );
-        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
+        rewrite_request(&mut parts, &target(), &auth().into(), None).unwrap();
         assert_eq!(
             parts.uri.to_string(),
             "https://immich.example.com/api/assets/x/original?size=preview&a=%2F"
@@ -666,7 +679,7 @@ mod tests {
                 .header("proxy-connection", "keep-alive")
                 .header("x-immich-checksum", "abc"),
         );
-        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
+        rewrite_request(&mut parts, &target(), &auth().into(), None).unwrap();
         for gone in [
             "connection",
             "x-private-hop",
@@ -687,7 +700,7 @@ mod tests {
     fn client_bearer_moves_to_immich_user_token_and_other_auth_is_dropped() {
         let mut parts =
             request(Request::get("/api/users/me").header("authorization", "bearer tok123"));
-        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
+        rewrite_request(&mut parts, &target(), &auth().into(), None).unwrap();
         assert_eq!(parts.headers[IMMICH_USER_TOKEN], "tok123");
         assert_eq!(parts.headers["authorization"], auth());
 
@@ -696,7 +709,7 @@ mod tests {
                 .header("authorization", "Bearer new")
                 .header("x-immich-user-token", "existing"),
         );
-        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
+        rewrite_request(&mut parts, &target(), &auth().into(), None).unwrap();
         assert_eq!(parts.headers[IMMICH_USER_TOKEN], "existing");
 
         let mut parts = request(
@@ -705,7 +718,7 @@ mod tests {
                 .header("x-api-key", "k")
                 .header("cookie", "immich_access_token=t"),
         );
-        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
+        rewrite_request(&mut parts, &target(), &auth().into(), None).unwrap();
         assert!(!parts.headers.contains_key(IMMICH_USER_TOKEN));
         assert_eq!(parts.headers["authorization"], auth());
         assert_eq!(parts.headers["x-api-key"], "k");
@@ -720,7 +733,7 @@ mod tests {
                 .header("upgrade", "websocket")
                 .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
         );
-        rewrite_request(&mut parts, &target(), &auth(), None).unwrap();
+        rewrite_request(&mut parts, &target(), &auth().into(), None).unwrap();
         assert_eq!(parts.headers["connection"], "upgrade");
         assert_eq!(parts.headers["upgrade"], "websocket");
         assert_eq!(
@@ -733,12 +746,12 @@ mod tests {
     fn connect_and_odd_targets_are_refused() {
         let mut parts = request(Request::connect("evil.example:443"));
         assert_eq!(
-            rewrite_request(&mut parts, &target(), &auth(), None),
+            rewrite_request(&mut parts, &target(), &auth().into(), None),
             Err(RewriteError::Connect)
         );
         let mut parts = request(Request::options("*"));
         assert_eq!(
-            rewrite_request(&mut parts, &target(), &auth(), None),
+            rewrite_request(&mut parts, &target(), &auth().into(), None),
             Err(RewriteError::BadTarget)
         );
     }
@@ -816,7 +829,7 @@ mod tests {
     fn session_cookies_merge_into_the_upstream_request() {
         let mut parts = request(Request::get("/").header("cookie", "immich_access_token=t"));
         let session = Some(HeaderValue::from_static("authentik_proxy_1a=s1"));
-        rewrite_request(&mut parts, &target(), &auth(), session).unwrap();
+        rewrite_request(&mut parts, &target(), &auth().into(), session).unwrap();
         assert_eq!(
             parts.headers["cookie"],
             "immich_access_token=t; authentik_proxy_1a=s1"

@@ -21,6 +21,7 @@ async fn steps(mock: &Mock, trust: TlsTrust, secret: Option<&str>) -> Vec<Step> 
     doctor::network_steps(&doctor::Target {
         checker: &checker,
         username: &mock.username,
+        scheme: &credproxy::auth::Scheme::Basic,
         secret: secret.as_ref(),
         login_command: "credproxy login --profile test".to_owned(),
     })
@@ -32,6 +33,13 @@ fn by_name<'a>(steps: &'a [Step], name: &str) -> &'a Step {
         .iter()
         .find(|s| s.name == name)
         .unwrap_or_else(|| panic!("no {name} step"))
+}
+
+/// The pin a verified connection reports, to compare with the unverified one.
+async fn steps_pin(mock: &Mock) -> String {
+    let steps = steps(mock, trust(mock), None).await;
+    let tls = &by_name(&steps, "tls").detail;
+    tls.split("pin ").nth(1).unwrap().trim().to_owned()
 }
 
 fn trust(mock: &Mock) -> TlsTrust {
@@ -90,6 +98,10 @@ async fn an_untrusted_certificate_fails_at_tls() {
     let tls = by_name(&steps, "tls");
     assert_eq!(tls.status, Status::Fail);
     assert!(tls.detail.contains("--ca-cert"), "{tls}");
+    // It still shows what to pin, taken from the certificate the server presents.
+    let healthy = steps_pin(&mock).await;
+    let fix = tls.fix.as_deref().unwrap();
+    assert!(fix.contains(&format!("--pin {healthy}")), "{fix}");
     assert!(
         by_name(&steps, "credentials")
             .detail

@@ -286,3 +286,183 @@ async fn login_no_verify_stores_and_logout_removes_from_the_keyring() {
         .unwrap();
     assert!(gone.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cloudflare_access_login_verifies_two_values_and_serve_injects_them() {
+    require_secret_service();
+    let mock = Mock::start().await;
+    *mock.state.gate_headers.lock().unwrap() = Some(vec![
+        ("cf-access-client-id".to_owned(), "team.access".to_owned()),
+        (
+            "cf-access-client-secret".to_owned(),
+            "cf-secret-9".to_owned(),
+        ),
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let profile = unique_profile("cf");
+    let url = mock.url();
+    let ca = mock.ca_file.to_str().unwrap().to_owned();
+    let args = [
+        "login",
+        "--server",
+        &url,
+        "--auth",
+        "cloudflare-access",
+        "--profile",
+        &profile,
+        "--ca-cert",
+        &ca,
+        "--password-stdin",
+    ];
+    let one_line = run(&config, &args, Some("team.access\n")).await;
+    assert_eq!(one_line.code, Some(1), "{}", one_line.stderr);
+    assert!(
+        one_line.stderr.contains("expected 2 line(s)"),
+        "{}",
+        one_line.stderr
+    );
+    let login = run(&config, &args, Some("team.access\ncf-secret-9\n")).await;
+    assert_eq!(login.code, Some(0), "{}", login.stderr);
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert!(saved.contains("auth = \"cloudflare-access\""), "{saved}");
+    assert!(!saved.contains("cf-secret-9"));
+
+    let mut serve = command(
+        &config,
+        &["serve", "--profile", &profile, "--listen", "127.0.0.1:0"],
+    )
+    .spawn()
+    .unwrap();
+    let mut stdout = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr: std::net::SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap();
+    let (response, _) = common::get(addr, "/api/server/ping").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = mock.state.last();
+    assert_eq!(seen.headers["cf-access-client-secret"], "cf-secret-9");
+    assert!(!seen.headers.contains_key("authorization"));
+    serve.start_kill().unwrap();
+    let logout = run(&config, &["logout", "--profile", &profile], None).await;
+    assert_eq!(logout.code, Some(0));
+}
+
+fn address_in(line: &str) -> std::net::SocketAddr {
+    line.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_process_serves_several_profiles_with_an_admin_listener() {
+    require_secret_service();
+    let home = Mock::start().await;
+    let work = Mock::start_with("svc-work", "work-password").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let (a, b) = (unique_profile("multi-a"), unique_profile("multi-b"));
+    for (mock, profile) in [(&home, &a), (&work, &b)] {
+        let url = mock.url();
+        let ca = mock.ca_file.to_str().unwrap().to_owned();
+        let login = run(
+            &config,
+            &[
+                "login",
+                "--server",
+                &url,
+                "--username",
+                &mock.username,
+                "--profile",
+                profile,
+                "--ca-cert",
+                &ca,
+                "--listen",
+                "127.0.0.1:0",
+                "--password-stdin",
+            ],
+            Some(&mock.password),
+        )
+        .await;
+        assert_eq!(login.code, Some(0), "{}", login.stderr);
+    }
+    let mut serve = command(
+        &config,
+        &[
+            "serve",
+            "--profile",
+            &a,
+            "--profile",
+            &b,
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    )
+    .spawn()
+    .unwrap();
+    let mut stdout = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+    let (line_a, line_b, line_admin) = (next().await, next().await, next().await);
+    assert!(
+        line_a.contains(&a) && line_b.contains(&b),
+        "{line_a}\n{line_b}"
+    );
+    assert!(line_admin.starts_with("credproxy admin on"), "{line_admin}");
+    let (addr_a, addr_b, admin) = (
+        address_in(&line_a),
+        address_in(&line_b),
+        address_in(&line_admin),
+    );
+
+    for (addr, mock, n) in [(addr_a, &home, 1), (addr_b, &work, 2)] {
+        for _ in 0..n {
+            let (response, _) = common::get(addr, "/api/server/ping").await;
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let expected = credproxy::proxy::basic_auth(
+            &mock.username,
+            &credproxy::credentials::Secret::new(mock.password.clone()),
+        );
+        assert_eq!(mock.state.last().headers["authorization"], expected);
+    }
+
+    let (health, body) = common::get(admin, "/healthz").await;
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(common::json(&body)["status"], "ok");
+    let (metrics, body) = common::get(admin, "/metrics").await;
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains(&format!("credproxy_requests_total{{profile=\"{a}\"}} 1")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("credproxy_requests_total{{profile=\"{b}\"}} 2")),
+        "{text}"
+    );
+    assert!(text.contains("credproxy_request_duration_seconds_bucket"));
+    // The admin port is guarded like the proxy port.
+    let (refused, _) = common::send(
+        admin,
+        http::Request::get("/metrics").header("host", "evil.example"),
+    )
+    .await;
+    assert_eq!(refused.status(), StatusCode::MISDIRECTED_REQUEST);
+    serve.start_kill().unwrap();
+}

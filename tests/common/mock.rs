@@ -64,6 +64,9 @@ pub struct MockState {
     pub upload_aborted: Mutex<Option<bool>>,
     /// Signalled whenever an `/upload` ends, complete or not.
     pub upload_done: Notify,
+    /// When set, the gate wants these headers (Cloudflare Access / Pangolin style) instead of
+    /// Basic: all present and right passes, a wrong one gets 403, none a login redirect.
+    pub gate_headers: Mutex<Option<Vec<(String, String)>>>,
     /// When set, there is no gate at all: Immich answers everyone.
     pub no_gate: std::sync::atomic::AtomicBool,
     /// When set, the host behind the gate is some other web server, not Immich.
@@ -269,6 +272,29 @@ async fn handle(
         || session_cookie(req.headers())
             .is_some_and(|value| state.sessions.lock().unwrap().contains(&value));
     let mut set_cookie = None;
+    let header_gate = state.gate_headers.lock().unwrap().clone();
+    if let Some(wanted) = header_gate {
+        let present: Vec<bool> = wanted
+            .iter()
+            .map(|(name, value)| {
+                req.headers()
+                    .get(name.as_str())
+                    .is_some_and(|v| v == value.as_str())
+            })
+            .collect();
+        if present.iter().all(|ok| *ok) {
+            state.exchanges.fetch_add(1, Ordering::SeqCst);
+            return immich(req, state).await;
+        }
+        if wanted
+            .iter()
+            .any(|(name, _)| req.headers().contains_key(name.as_str()))
+        {
+            state.exchanges.fetch_add(1, Ordering::SeqCst);
+            return full(StatusCode::FORBIDDEN, "text/html", "<html>Forbidden</html>");
+        }
+        return login_redirect(&req);
+    }
     if !has_session {
         match req.headers().get(header::AUTHORIZATION) {
             Some(value) if value.as_bytes().starts_with(b"Basic ") => {

@@ -1,0 +1,194 @@
+//! The optional admin listener: `/healthz` and Prometheus `/metrics` for every served profile,
+//! on its own loopback port (never the proxied one).
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::body::{LATENCY_BOUNDS, Stats};
+use crate::guard::Guards;
+use crate::proxy::Proxy;
+
+/// Serves `/healthz` and `/metrics` for `proxies` on `listener` until `shutdown` resolves.
+/// Requests must name the listener as their Host, as on the proxy port.
+pub async fn run(listener: TcpListener, proxies: Vec<Proxy>, shutdown: impl Future<Output = ()>) {
+    let guards = Arc::new(match listener.local_addr() {
+        Ok(addr) => Guards::for_listener(addr, &[], None),
+        Err(_) => Guards::refuse_all(),
+    });
+    let proxies = Arc::new(proxies);
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!("admin accept failed: {err}");
+                    continue;
+                }
+            },
+        };
+        let proxies = proxies.clone();
+        let guards = guards.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let answer = match guards.check(req.headers()) {
+                    Ok(()) => answer(&req, &proxies),
+                    Err(refusal) => text(refusal.status(), refusal.message()),
+                };
+                async move { Ok::<_, Infallible>(answer) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET".to_owned());
+    }
+    match req.uri().path() {
+        "/healthz" => {
+            let profiles: Vec<_> = proxies
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "profile": p.settings().profile,
+                        "server": p.settings().server.to_string(),
+                        "credentials_rejected": p.credentials_rejected(),
+                    })
+                })
+                .collect();
+            let body = serde_json::json!({"status": "ok", "profiles": profiles});
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .expect("static response parts are valid")
+        }
+        "/metrics" => {
+            let entries: Vec<(&str, &Stats)> = proxies
+                .iter()
+                .map(|p| (p.settings().profile.as_str(), p.stats()))
+                .collect();
+            Response::builder()
+                .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+                .body(Full::new(Bytes::from(render_metrics(&entries))))
+                .expect("static response parts are valid")
+        }
+        _ => text(StatusCode::NOT_FOUND, "try /healthz or /metrics".to_owned()),
+    }
+}
+
+fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Full::new(Bytes::from(message)))
+        .expect("static response parts are valid")
+}
+
+/// Renders every profile's totals in the Prometheus text format.
+pub fn render_metrics(entries: &[(&str, &Stats)]) -> String {
+    let mut out = String::new();
+    let counter = |out: &mut String, name: &str, help: &str, value: &dyn Fn(&Stats) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (profile, stats) in entries {
+            let _ = writeln!(out, "{name}{{profile=\"{profile}\"}} {}", value(stats));
+        }
+    };
+    counter(
+        &mut out,
+        "credproxy_requests_total",
+        "Requests answered.",
+        &|s| s.requests.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "credproxy_upstream_errors_total",
+        "Requests that could not reach the upstream.",
+        &|s| s.upstream_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut out,
+        "credproxy_auth_rejections_total",
+        "Requests answered with the rejected-credentials error.",
+        &|s| s.auth_rejections.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP credproxy_body_bytes_total Body bytes moved.\n# TYPE credproxy_body_bytes_total counter"
+    );
+    for (profile, stats) in entries {
+        let _ = writeln!(
+            out,
+            "credproxy_body_bytes_total{{profile=\"{profile}\",direction=\"up\"}} {}\ncredproxy_body_bytes_total{{profile=\"{profile}\",direction=\"down\"}} {}",
+            stats.bytes_up.load(Ordering::Relaxed),
+            stats.bytes_down.load(Ordering::Relaxed)
+        );
+    }
+    let name = "credproxy_request_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Whole exchanges, request head to last byte.\n# TYPE {name} histogram"
+    );
+    for (profile, stats) in entries {
+        let (cumulative, total) = stats.latency.cumulative();
+        for (bound, count) in LATENCY_BOUNDS.iter().zip(cumulative) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{profile=\"{profile}\",le=\"{bound}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{profile=\"{profile}\",le=\"+Inf\"}} {total}"
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{profile=\"{profile}\"}} {}",
+            stats.latency.sum_seconds()
+        );
+        let _ = writeln!(out, "{name}_count{{profile=\"{profile}\"}} {total}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn metrics_render_counters_and_a_cumulative_histogram() {
+        let stats = Stats::default();
+        stats.requests.store(3, Ordering::Relaxed);
+        stats.auth_rejections.store(1, Ordering::Relaxed);
+        stats.latency.record(Duration::from_micros(500));
+        stats.latency.record(Duration::from_millis(30));
+        stats.latency.record(Duration::from_secs(7200));
+        let text = render_metrics(&[("home", &stats)]);
+        assert!(
+            text.contains("credproxy_requests_total{profile=\"home\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("credproxy_auth_rejections_total{profile=\"home\"} 1"));
+        assert!(text.contains("le=\"0.001\"} 1\n"), "{text}");
+        assert!(text.contains("le=\"0.05\"} 2\n"), "{text}");
+        assert!(text.contains("le=\"3600\"} 2\n"), "{text}");
+        assert!(text.contains("le=\"+Inf\"} 3\n"), "{text}");
+        assert!(text.contains("credproxy_request_duration_seconds_count{profile=\"home\"} 3"));
+    }
+}

@@ -1,0 +1,109 @@
+//! Auth schemes beyond Basic (Cloudflare Access service tokens, named headers), and the rule
+//! that Immich never receives a Bearer it did not ask for.
+
+mod common;
+
+use common::mock::Mock;
+use common::*;
+use credproxy::auth::Scheme;
+use credproxy::credentials::Secret;
+use credproxy::proxy::Proxy;
+use credproxy::server::{self, ServerOptions};
+use http::{Request, StatusCode};
+
+async fn start_with_scheme(mock: &Mock, scheme: &Scheme, secret: &str) -> std::net::SocketAddr {
+    let proxy =
+        Proxy::with_scheme(settings_for(mock), scheme, &Secret::new(secret.to_owned())).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::run(
+        listener,
+        proxy,
+        ServerOptions::default(),
+        std::future::pending(),
+    ));
+    addr
+}
+
+fn gate_wants(mock: &Mock, pairs: &[(&str, &str)]) {
+    *mock.state.gate_headers.lock().unwrap() = Some(
+        pairs
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect(),
+    );
+}
+
+#[tokio::test]
+async fn cloudflare_access_service_tokens_pass_the_gate_and_no_authorization_reaches_immich() {
+    let mock = Mock::start().await;
+    gate_wants(
+        &mock,
+        &[
+            ("cf-access-client-id", "abc.access"),
+            ("cf-access-client-secret", "s3cret"),
+        ],
+    );
+    let addr = start_with_scheme(&mock, &Scheme::CloudflareAccess, "abc.access\ns3cret").await;
+    let (response, _) = send(
+        addr,
+        Request::get("/echo")
+            .header("host", addr.to_string())
+            .header("authorization", "Bearer immich-session")
+            .header("x-api-key", "k1"),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = mock.state.last();
+    assert_eq!(seen.headers["cf-access-client-id"], "abc.access");
+    assert_eq!(seen.headers["cf-access-client-secret"], "s3cret");
+    assert!(
+        !seen.headers.contains_key("authorization"),
+        "Immich must not get a Bearer it did not ask for"
+    );
+    assert_eq!(seen.headers["x-immich-user-token"], "immich-session");
+    assert_eq!(seen.headers["x-api-key"], "k1");
+}
+
+#[tokio::test]
+async fn named_header_schemes_inject_every_header_and_replace_forged_ones() {
+    let mock = Mock::start().await;
+    gate_wants(
+        &mock,
+        &[("p-access-token-id", "tid"), ("p-access-token", "tok")],
+    );
+    let scheme = Scheme::new(
+        "header",
+        &["P-Access-Token-Id".into(), "P-Access-Token".into()],
+    )
+    .unwrap();
+    let addr = start_with_scheme(&mock, &scheme, "tid\ntok").await;
+    let (response, _) = send(
+        addr,
+        Request::get("/api/server/ping")
+            .header("host", addr.to_string())
+            .header("p-access-token", "forged-by-client")
+            .header("authorization", "Basic Zm9vOmJhcg=="),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = mock.state.last();
+    let tokens: Vec<_> = seen.headers.get_all("p-access-token").iter().collect();
+    assert_eq!(tokens, ["tok"]);
+    assert!(!seen.headers.contains_key("authorization"));
+}
+
+#[tokio::test]
+async fn a_wrong_header_value_is_refused_by_the_gate_not_bypassed() {
+    let mock = Mock::start().await;
+    gate_wants(
+        &mock,
+        &[
+            ("cf-access-client-id", "abc.access"),
+            ("cf-access-client-secret", "right"),
+        ],
+    );
+    let addr = start_with_scheme(&mock, &Scheme::CloudflareAccess, "abc.access\nwrong").await;
+    let (response, _) = get(addr, "/api/server/ping").await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}
