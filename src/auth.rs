@@ -49,6 +49,9 @@ impl Scheme {
                     .iter()
                     .map(|n| validate_header_name(n))
                     .collect::<Result<Vec<_>>>()?;
+                if (1..names.len()).any(|i| names[..i].contains(&names[i])) {
+                    return Err(invalid("each --header name may be given once".to_owned()));
+                }
                 Scheme::Header(names)
             }
             other => {
@@ -178,6 +181,10 @@ fn validate_header_name(name: &str) -> Result<HeaderName> {
         header::CONTENT_LENGTH,
         header::UPGRADE,
         header::TE,
+        header::TRAILER,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
     ];
     if reserved.contains(&parsed) {
         return Err(Error::Invalid {
@@ -261,6 +268,14 @@ mod tests {
         );
         assert!(Scheme::new("header", &[]).is_err());
         assert!(Scheme::new("header", &["Authorization".into()]).is_err());
+        assert!(
+            Scheme::new("header", &["Keep-Alive".into()]).is_err(),
+            "hop-by-hop"
+        );
+        assert!(
+            Scheme::new("header", &["X-A".into(), "x-a".into()]).is_err(),
+            "duplicate"
+        );
         assert!(Scheme::new("header", &["bad name".into()]).is_err());
         assert!(Scheme::new("basic", &["X-A".into()]).is_err());
         assert!(Scheme::new("oauth", &[]).is_err());

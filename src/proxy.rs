@@ -75,9 +75,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -694,6 +693,18 @@ mod tests {
             assert!(!parts.headers.contains_key(gone), "{gone} survived");
         }
         assert_eq!(parts.headers["x-immich-checksum"], "abc");
+    }
+
+    #[test]
+    fn connection_named_headers_go_even_beside_non_ascii_bytes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"\xffAA, x-secret-hop").unwrap(),
+        );
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.is_empty(), "{headers:?}");
     }
 
     #[test]
