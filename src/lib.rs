@@ -19,6 +19,8 @@
 //! - [`server`]: the accept loop over an already-bound listener with a shutdown future.
 //! - [`service`]: `serve` as a systemd user unit or launchd agent; the unit and plist texts.
 //! - [`check`]: step-by-step checks (DNS, TCP, TLS, gate, Immich) with precise errors.
+//! - [`embed`]: the proxy inside another program (the mobile crate): its own runtime, a
+//!   stop handle, totals with the last error, logs to a sink, the doctor's checks.
 //! - [`doctor`]: the step-by-step diagnosis behind `credproxy doctor`.
 //! - [`demo`]: a local stand-in for a gated Immich host and the `demo` command.
 //! - [`error`]: the core error type.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod credentials;
 pub mod demo;
 pub mod doctor;
+pub mod embed;
 pub mod error;
 pub mod gate;
 pub mod guard;

@@ -1,0 +1,163 @@
+//! Where the app password comes from: a provider the app implements (reading Android Keystore
+//! or the iOS Keychain itself), or the platform keyring store by profile.
+
+use credproxy::credentials::{CredentialStore, Secret};
+
+use crate::error::MobileError;
+
+/// Implemented by the app: hands over the Authentik app password it keeps.
+#[uniffi::export(foreign)]
+pub trait CredentialProvider: Send + Sync {
+    /// The app password for `username` at `server_url`, or none when the app has none stored.
+    fn app_password(
+        &self,
+        server_url: String,
+        username: String,
+    ) -> Result<Option<String>, MobileError>;
+}
+
+/// Stores `password` for `profile` in the platform keyring store (replacing any).
+#[uniffi::export]
+pub fn save_app_password(profile: String, password: String) -> Result<(), MobileError> {
+    let profile = credproxy::config::validate_profile_name(&profile)?;
+    Ok(platform::store()?.set(&profile, &Secret::new(password))?)
+}
+
+/// Removes the app password of `profile` (and its local credential) from the platform keyring
+/// store; true if a password existed.
+#[uniffi::export]
+pub fn delete_app_password(profile: String) -> Result<bool, MobileError> {
+    let profile = credproxy::config::validate_profile_name(&profile)?;
+    let store = platform::store()?;
+    store.delete(&local_token_account(&profile))?;
+    Ok(store.delete(&profile)?)
+}
+
+/// The keyring account of a profile's local credential: the one `credproxy serve --local-auth`
+/// uses (profile names cannot contain `:`, so it never clashes with a profile).
+fn local_token_account(profile: &str) -> String {
+    format!("local-auth:{profile}")
+}
+
+/// The local credential kept in the keyring for `profile`, made and stored on first use.
+pub(crate) fn keyring_local_token(profile: &str) -> Result<Secret, MobileError> {
+    let store = platform::store()?;
+    let account = local_token_account(profile);
+    if let Some(token) = store.get(&account)?.filter(|t| !t.is_empty()) {
+        return Ok(token);
+    }
+    let token = Secret::new(credproxy::demo::random_token());
+    store.set(&account, &token)?;
+    Ok(token)
+}
+
+/// Reads the app password of `profile` from the platform keyring store.
+pub(crate) fn keyring_password(profile: &str) -> Result<Secret, MobileError> {
+    platform::store()?
+        .get(profile)?
+        .filter(|secret| !secret.is_empty())
+        .ok_or_else(|| {
+            MobileError::credentials(format!(
+                "no app password stored for profile '{profile}' in the platform keyring; save one with save_app_password"
+            ))
+        })
+}
+
+/// Asks the app's provider for the password.
+pub(crate) fn provider_password(
+    provider: &dyn CredentialProvider,
+    server_url: &str,
+    username: &str,
+) -> Result<Secret, MobileError> {
+    provider
+        .app_password(server_url.to_owned(), username.to_owned())?
+        .map(Secret::new)
+        .filter(|secret| !secret.is_empty())
+        .ok_or_else(|| {
+            MobileError::credentials(format!(
+                "the app's credential provider has no app password for '{username}' at {server_url}"
+            ))
+        })
+}
+
+/// iOS, macOS, Linux, Windows: the core's keyring store (on iOS the Apple *protected* store,
+/// the data-protection keychain).
+#[cfg(not(target_os = "android"))]
+mod platform {
+    use credproxy::credentials::{CredentialStore, KeyringStore, StoreError};
+
+    pub(super) fn store() -> Result<impl CredentialStore, StoreError> {
+        Ok(KeyringStore::new())
+    }
+}
+
+/// Android: SharedPreferences encrypted with a Keystore key (android-native-keyring-store),
+/// which needs the app to have initialised the NDK context first (see README).
+#[cfg(target_os = "android")]
+mod platform {
+    use std::sync::Arc;
+
+    use credproxy::credentials::{CredentialStore, SERVICE, Secret, StoreError};
+    use keyring_core::{Entry, Error};
+
+    pub(super) struct AndroidStore(Arc<keyring_core::CredentialStore>);
+
+    pub(super) fn store() -> Result<AndroidStore, StoreError> {
+        let unavailable = |detail: String| StoreError::Unavailable {
+            detail,
+            hint: "call io.crates.keyring.Keyring.initializeNdkContext(applicationContext) once before using the keyring",
+        };
+        // ndk-context panics when the app never initialised it: that is a setup step the app
+        // missed, so it becomes an error the app can show instead of a crash.
+        match std::panic::catch_unwind(android_native_keyring_store::Store::new) {
+            Ok(Ok(store)) => Ok(AndroidStore(store)),
+            Ok(Err(err)) => Err(unavailable(describe(&err))),
+            Err(_) => Err(unavailable(
+                "the Android context was not initialised".to_owned(),
+            )),
+        }
+    }
+
+    impl AndroidStore {
+        fn entry(&self, profile: &str) -> Result<Entry, StoreError> {
+            Entry::new_in_store(&self.0, SERVICE, profile).map_err(failed)
+        }
+    }
+
+    impl CredentialStore for AndroidStore {
+        fn get(&self, profile: &str) -> Result<Option<Secret>, StoreError> {
+            match self.entry(profile)?.get_password() {
+                Ok(password) => Ok(Some(Secret::new(password))),
+                Err(Error::NoEntry) => Ok(None),
+                Err(e) => Err(failed(e)),
+            }
+        }
+
+        fn set(&self, profile: &str, secret: &Secret) -> Result<(), StoreError> {
+            self.entry(profile)?
+                .set_password(secret.expose())
+                .map_err(failed)
+        }
+
+        fn delete(&self, profile: &str) -> Result<bool, StoreError> {
+            match self.entry(profile)?.delete_credential() {
+                Ok(()) => Ok(true),
+                Err(Error::NoEntry) => Ok(false),
+                Err(e) => Err(failed(e)),
+            }
+        }
+    }
+
+    fn failed(err: Error) -> StoreError {
+        StoreError::Failed(describe(&err))
+    }
+
+    /// Describes a keyring error without the bytes some variants carry.
+    fn describe(err: &Error) -> String {
+        match err {
+            Error::BadEncoding(_) => "the stored secret is not valid UTF-8".to_owned(),
+            Error::BadDataFormat(_, _) => "the stored secret is in an unknown format".to_owned(),
+            other => other.to_string(),
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `start_proxy` and the handle that reports on and stops the running proxy.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use credproxy::embed::{EmbedOptions, Embedded, Snapshot};
+use credproxy::proxy::Proxy;
+
+use crate::config::ProxyConfig;
+use crate::error::MobileError;
+use crate::logging;
+
+/// Starts the proxy on `127.0.0.1:listen_port`; it accepts connections when this returns.
+#[uniffi::export]
+pub fn start_proxy(config: ProxyConfig) -> Result<Arc<ProxyHandle>, MobileError> {
+    let settings = config.settings()?;
+    let password = config.password(&settings)?;
+    let mut options = EmbedOptions {
+        log: logging::sink(),
+        ..EmbedOptions::default()
+    };
+    options.server.local_token = config.local_token(&settings)?;
+    let proxy = Proxy::new(settings, &password)?;
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
+    let inner = Embedded::start(proxy, listen, options)?;
+    Ok(Arc::new(ProxyHandle { inner }))
+}
+
+/// A running proxy; dropping the last reference stops it.
+#[derive(uniffi::Object)]
+pub struct ProxyHandle {
+    inner: Embedded,
+}
+
+/// Totals since the proxy started.
+#[derive(uniffi::Record)]
+pub struct ProxyStats {
+    /// Requests answered, including the proxy's own error answers.
+    pub requests: u64,
+    /// Body bytes sent from clients to the server.
+    pub bytes_up: u64,
+    /// Body bytes sent from the server to clients.
+    pub bytes_down: u64,
+    /// The most recent warning or error, such as an unreachable server or rejected credentials.
+    pub last_error: Option<String>,
+}
+
+#[uniffi::export]
+impl ProxyHandle {
+    /// The URL clients use, e.g. `http://127.0.0.1:2283`, or with `local_auth`
+    /// `http://credproxy:TOKEN@127.0.0.1:2283` (keep that one private).
+    pub fn local_url(&self) -> String {
+        self.inner.local_url()
+    }
+
+    /// The port listened on (the real one when 0 was asked for).
+    pub fn port(&self) -> u16 {
+        self.inner.local_addr().port()
+    }
+
+    /// True until `stop` has closed the port.
+    pub fn is_running(&self) -> bool {
+        self.inner.is_running()
+    }
+
+    /// Closes the port and waits (up to 5 s) for requests in flight; safe to call twice.
+    pub fn stop(&self) {
+        self.inner.stop();
+    }
+
+    /// Requests and bytes so far, and the last error.
+    pub fn stats(&self) -> ProxyStats {
+        self.inner.snapshot().into()
+    }
+}
+
+impl From<Snapshot> for ProxyStats {
+    fn from(s: Snapshot) -> Self {
+        Self {
+            requests: s.requests,
+            bytes_up: s.bytes_up,
+            bytes_down: s.bytes_down,
+            last_error: s.last_error,
+        }
+    }
+}

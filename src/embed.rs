@@ -1,0 +1,368 @@
+//! Running the proxy inside another program (a phone app, a GUI): its own small runtime, a
+//! handle that stops it, totals with the last error, logs to a sink, and the doctor's checks.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::field::{Field, Visit};
+use tracing::{Dispatch, Event, Level, Subscriber};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
+
+use crate::auth::Scheme;
+use crate::check::{CheckError, Checker};
+use crate::config;
+use crate::credentials::Secret;
+use crate::doctor::{self, Step};
+use crate::error::{Error, Result};
+use crate::guard::LOCAL_USER;
+use crate::proxy::{Proxy, ProxySettings};
+use crate::server::{self, ServerOptions};
+
+/// Receives the log events of an embedded proxy (the host app's logger).
+pub trait LogSink: Send + Sync {
+    /// Whether events at `level` are wanted; asked before an event is formatted.
+    fn enabled(&self, level: Level) -> bool;
+    /// Receives one event: its level, target (module) and formatted fields.
+    fn log(&self, level: Level, target: &str, message: &str);
+}
+
+/// How an embedded proxy runs.
+#[derive(Clone)]
+pub struct EmbedOptions {
+    /// Tokio worker threads; one or two carry a phone's traffic.
+    pub worker_threads: usize,
+    /// Client connection limits and the drain time `stop` waits for.
+    pub server: ServerOptions,
+    /// Where log events go, if anywhere.
+    pub log: Option<Arc<dyn LogSink>>,
+}
+
+impl Default for EmbedOptions {
+    fn default() -> Self {
+        Self {
+            worker_threads: 2,
+            server: ServerOptions {
+                max_connections: 256,
+                // `stop` blocks its caller (an app's UI or service thread) while requests drain.
+                drain_timeout: Duration::from_secs(5),
+                ..ServerOptions::default()
+            },
+            log: None,
+        }
+    }
+}
+
+/// Totals of an embedded proxy at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Requests answered, including the proxy's own error answers.
+    pub requests: u64,
+    /// Body bytes sent from clients to the server.
+    pub bytes_up: u64,
+    /// Body bytes sent from the server to clients.
+    pub bytes_down: u64,
+    /// The most recent warning or error the proxy logged, if any.
+    pub last_error: Option<String>,
+}
+
+/// A proxy serving on a loopback port from its own runtime until stopped or dropped.
+pub struct Embedded {
+    addr: SocketAddr,
+    local_token: Option<Secret>,
+    proxy: Proxy,
+    last_error: Arc<Mutex<Option<String>>>,
+    running: Mutex<Option<Running>>,
+}
+
+struct Running {
+    runtime: Runtime,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Embedded {
+    /// Binds `listen` (loopback only; port 0 picks a free one) and starts serving `proxy`.
+    ///
+    /// The port accepts connections when this returns: there is nothing to wait for.
+    pub fn start(proxy: Proxy, listen: SocketAddr, options: EmbedOptions) -> Result<Self> {
+        config::check_loopback(listen, false)?;
+        let listen_err = |source| Error::Listen {
+            addr: listen,
+            source,
+        };
+        let listener = std::net::TcpListener::bind(listen).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let addr = listener.local_addr().map_err(listen_err)?;
+        let last_error = Arc::new(Mutex::new(None));
+        let dispatch = log_dispatch(Some(last_error.clone()), options.log);
+        // The runtime is part of what listens: failing to start its threads is failing to listen.
+        let runtime = build_runtime(options.worker_threads, dispatch).map_err(listen_err)?;
+        let registered = {
+            let _entered = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)
+        };
+        let listener = match registered {
+            Ok(listener) => listener,
+            Err(source) => {
+                // Dropping a runtime may block, which is not allowed if the caller is async.
+                runtime.shutdown_background();
+                return Err(listen_err(source));
+            }
+        };
+        let local_token = options.server.local_token.clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let task = runtime.spawn(server::run(
+            listener,
+            proxy.clone(),
+            options.server,
+            shutdown,
+        ));
+        Ok(Self {
+            addr,
+            local_token,
+            proxy,
+            last_error,
+            running: Mutex::new(Some(Running {
+                runtime,
+                stop,
+                task,
+            })),
+        })
+    }
+
+    /// The bound address (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The URL clients use: `http://127.0.0.1:PORT`, with `credproxy:TOKEN@` when the local
+    /// credential is required (keep that URL private).
+    pub fn local_url(&self) -> String {
+        match &self.local_token {
+            Some(token) => format!("http://{LOCAL_USER}:{}@{}", token.expose(), self.addr),
+            None => format!("http://{}", self.addr),
+        }
+    }
+
+    /// True until `stop` (or drop) has shut the listener.
+    pub fn is_running(&self) -> bool {
+        self.lock_running()
+            .as_ref()
+            .is_some_and(|r| !r.task.is_finished())
+    }
+
+    /// Stops accepting, lets in-flight requests drain (up to the drain timeout), then ends the
+    /// runtime; calling it again does nothing.
+    ///
+    /// Called from inside an async runtime it cannot wait: the port then closes moments later.
+    pub fn stop(&self) {
+        let Some(running) = self.lock_running().take() else {
+            return;
+        };
+        let _ = running.stop.send(());
+        if tokio::runtime::Handle::try_current().is_err() {
+            let _ = running.runtime.block_on(running.task);
+        }
+        // Cancels what is left (upgraded connections, pooled upstream connections).
+        running.runtime.shutdown_background();
+    }
+
+    /// The totals so far and the last warning or error logged.
+    pub fn snapshot(&self) -> Snapshot {
+        let stats = self.proxy.stats();
+        Snapshot {
+            requests: stats.requests.load(Ordering::Relaxed),
+            bytes_up: stats.bytes_up.load(Ordering::Relaxed),
+            bytes_down: stats.bytes_down.load(Ordering::Relaxed),
+            last_error: lock(&self.last_error).clone(),
+        }
+    }
+
+    fn lock_running(&self) -> MutexGuard<'_, Option<Running>> {
+        lock(&self.running)
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Locks a mutex whose value stays whole even if a holder panicked (it is only ever replaced).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+thread_local! {
+    /// Keeps a runtime thread's log dispatcher installed for the thread's life.
+    static THREAD_DISPATCH: RefCell<Option<tracing::dispatcher::DefaultGuard>> =
+        const { RefCell::new(None) };
+}
+
+/// A small multi-threaded runtime whose threads log to `dispatch`.
+///
+/// The dispatcher is per thread rather than global, so each embedded proxy records its own
+/// last error and a host program's own subscriber is left alone. Idle, the threads sleep in
+/// the kernel: nothing polls.
+fn build_runtime(worker_threads: usize, dispatch: Dispatch) -> std::io::Result<Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads.max(1))
+        .max_blocking_threads(4)
+        .thread_name("credproxy")
+        .enable_all()
+        .on_thread_start(move || {
+            let guard = tracing::dispatcher::set_default(&dispatch);
+            THREAD_DISPATCH.with(|slot| *slot.borrow_mut() = Some(guard));
+        })
+        .on_thread_stop(|| {
+            THREAD_DISPATCH.with(|slot| slot.borrow_mut().take());
+        })
+        .build()
+}
+
+/// A dispatcher that keeps the last warning or error in `last_error` and passes events to `sink`.
+fn log_dispatch(
+    last_error: Option<Arc<Mutex<Option<String>>>>,
+    sink: Option<Arc<dyn LogSink>>,
+) -> Dispatch {
+    Dispatch::new(tracing_subscriber::registry().with(Recorder { last_error, sink }))
+}
+
+struct Recorder {
+    last_error: Option<Arc<Mutex<Option<String>>>>,
+    sink: Option<Arc<dyn LogSink>>,
+}
+
+impl<S: Subscriber> Layer<S> for Recorder {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let level = *event.metadata().level();
+        // Less verbose levels compare smaller: WARN and ERROR are `<= WARN`.
+        let keep = self.last_error.as_ref().filter(|_| level <= Level::WARN);
+        let sink = self.sink.as_ref().filter(|sink| sink.enabled(level));
+        if keep.is_none() && sink.is_none() {
+            return;
+        }
+        let mut message = Message::default();
+        event.record(&mut message);
+        if let Some(sink) = sink {
+            sink.log(level, event.metadata().target(), &message.0);
+        }
+        if let Some(slot) = keep {
+            *lock(slot) = Some(message.0);
+        }
+    }
+}
+
+/// An event's fields as one line: the message first, then `name=value` pairs.
+#[derive(Default)]
+struct Message(String);
+
+impl Visit for Message {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.push(field, format_args!("{value}"));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.push(field, format_args!("{value:?}"));
+    }
+}
+
+impl Message {
+    fn push(&mut self, field: &Field, value: std::fmt::Arguments<'_>) {
+        if field.name() == "message" {
+            let rest = std::mem::take(&mut self.0);
+            let _ = write!(self.0, "{value}");
+            if !rest.is_empty() {
+                self.0.push(' ');
+                self.0.push_str(&rest);
+            }
+        } else {
+            if !self.0.is_empty() {
+                self.0.push(' ');
+            }
+            let _ = write!(self.0, "{}={value}", field.name());
+        }
+    }
+}
+
+/// Runs the doctor's network steps (DNS, TCP, TLS, gate, credentials, Immich, websocket) for
+/// `settings` with Basic credentials `password`, each bounded by `timeout`; `fix_credentials`
+/// is the hint shown when the gate rejects them. Logs go to `sink`.
+///
+/// It blocks the calling thread on a runtime of its own, so it is for synchronous callers (an
+/// app's worker thread), not for code already inside an async runtime.
+pub fn check(
+    settings: &ProxySettings,
+    password: &Secret,
+    fix_credentials: String,
+    timeout: Duration,
+    sink: Option<Arc<dyn LogSink>>,
+) -> Result<Vec<Step>> {
+    let tls = settings.trust.client_config(&[b"http/1.1"])?;
+    let checker = Checker::new(settings.server.clone(), tls, timeout);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CheckError::Http {
+            server: settings.server.to_string(),
+            detail: format!("cannot start the event loop for the checks: {e}"),
+        })?;
+    let target = doctor::Target {
+        checker: &checker,
+        username: &settings.username,
+        scheme: &Scheme::Basic,
+        secret: Some(password),
+        login_command: fix_credentials,
+    };
+    let dispatch = log_dispatch(None, sink);
+    Ok(tracing::dispatcher::with_default(&dispatch, || {
+        runtime.block_on(doctor::network_steps(&target))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_puts_the_text_first_then_fields() {
+        struct Sink(Mutex<Vec<String>>);
+        impl LogSink for Sink {
+            fn enabled(&self, level: Level) -> bool {
+                level <= Level::INFO
+            }
+            fn log(&self, level: Level, target: &str, message: &str) {
+                lock(&self.0).push(format!("{level} {target} {message}"));
+            }
+        }
+        let sink = Arc::new(Sink(Mutex::new(Vec::new())));
+        let last = Arc::new(Mutex::new(None));
+        let dispatch = log_dispatch(Some(last.clone()), Some(sink.clone()));
+        tracing::dispatcher::with_default(&dispatch, || {
+            tracing::debug!("not wanted");
+            tracing::info!(target: "t", status = 200, "served {}", "/x");
+            tracing::warn!("upstream down");
+            tracing::info!("fine again");
+        });
+        assert_eq!(
+            *lock(&sink.0),
+            [
+                "INFO t served /x status=200",
+                "WARN credproxy::embed::tests upstream down",
+                "INFO credproxy::embed::tests fine again",
+            ]
+        );
+        assert_eq!(lock(&last).as_deref(), Some("upstream down"));
+    }
+}

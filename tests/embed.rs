@@ -1,0 +1,140 @@
+//! The embedded proxy (`credproxy::embed`, what the mobile crate runs): its own runtime, a port
+//! that accepts when `start` returns, totals with the last error, logs to a sink, and a stop
+//! (or drop) that closes the port.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::Duration;
+
+use common::{Mock, get, settings_for};
+use credproxy::Error;
+use credproxy::config::ServerUrl;
+use credproxy::credentials::Secret;
+use credproxy::embed::{EmbedOptions, Embedded, LogSink};
+use credproxy::proxy::Proxy;
+use http::StatusCode;
+use tracing::Level;
+
+/// Passes each access-log line on, so a test can wait for an exchange to be counted.
+struct Lines(Mutex<Sender<String>>);
+
+impl LogSink for Lines {
+    fn enabled(&self, level: Level) -> bool {
+        level <= Level::INFO
+    }
+
+    fn log(&self, _level: Level, target: &str, message: &str) {
+        if target == "credproxy::access" {
+            let _ = self.0.lock().unwrap().send(message.to_owned());
+        }
+    }
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn start(mock: &Mock, server: Option<ServerUrl>) -> (Embedded, Receiver<String>) {
+    let mut settings = settings_for(mock);
+    if let Some(server) = server {
+        settings.server = server;
+    }
+    let proxy = Proxy::new(settings, &Secret::new(mock.password.clone())).unwrap();
+    let (tx, rx) = channel();
+    let options = EmbedOptions {
+        log: Some(std::sync::Arc::new(Lines(Mutex::new(tx)))),
+        ..EmbedOptions::default()
+    };
+    (Embedded::start(proxy, loopback(), options).unwrap(), rx)
+}
+
+fn exchange_done(lines: &Receiver<String>) -> String {
+    lines.recv_timeout(Duration::from_secs(20)).unwrap()
+}
+
+#[test]
+fn serves_counts_and_stops() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mock = runtime.block_on(Mock::start());
+    let (embedded, lines) = start(&mock, None);
+    let addr = embedded.local_addr();
+    assert!(embedded.is_running());
+    assert_eq!(embedded.local_url(), format!("http://{addr}"));
+
+    let (response, body) = runtime.block_on(get(addr, "/api/server/ping"));
+    assert_eq!(response.status(), StatusCode::OK);
+    let line = exchange_done(&lines);
+    assert!(
+        line.contains("path=/api/server/ping") && line.contains("status=200"),
+        "{line}"
+    );
+    let snapshot = embedded.snapshot();
+    assert_eq!(snapshot.requests, 1);
+    assert_eq!(snapshot.bytes_down, body.len() as u64);
+    assert_eq!(snapshot.last_error, None);
+
+    embedded.stop();
+    assert!(!embedded.is_running());
+    assert!(TcpStream::connect(addr).is_err(), "the port still accepts");
+    embedded.stop();
+}
+
+#[test]
+fn dropping_stops_and_an_async_host_can_start_and_stop_it() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mock = runtime.block_on(Mock::start());
+    let (embedded, _lines) = start(&mock, None);
+    let addr = embedded.local_addr();
+    drop(embedded);
+    assert!(TcpStream::connect(addr).is_err(), "the port still accepts");
+
+    // An async host may start and stop it from inside its own runtime.
+    let (embedded, _lines) = runtime.block_on(async { start(&mock, None) });
+    runtime.block_on(async { embedded.stop() });
+    assert!(!embedded.is_running());
+}
+
+#[test]
+fn the_last_error_names_an_unreachable_server() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mock = runtime.block_on(Mock::start());
+    let closed = std::net::TcpListener::bind(loopback()).unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let server = ServerUrl::parse(&format!("https://127.0.0.1:{port}")).unwrap();
+    let (embedded, lines) = start(&mock, Some(server));
+    let (response, _) = runtime.block_on(get(embedded.local_addr(), "/api/server/ping"));
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    exchange_done(&lines);
+    let last = embedded.snapshot().last_error.unwrap_or_default();
+    assert!(last.contains("cannot connect"), "{last}");
+}
+
+#[test]
+fn local_url_carries_the_local_credential_and_only_loopback_is_served() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mock = runtime.block_on(Mock::start());
+    let proxy = || Proxy::new(settings_for(&mock), &Secret::new(mock.password.clone())).unwrap();
+    let mut options = EmbedOptions::default();
+    options.server.local_token = Some(Secret::new("local-token-0123456789".into()));
+    let embedded = Embedded::start(proxy(), loopback(), options).unwrap();
+    assert_eq!(
+        embedded.local_url(),
+        format!(
+            "http://credproxy:local-token-0123456789@{}",
+            embedded.local_addr()
+        )
+    );
+    let (response, _) = runtime.block_on(get(embedded.local_addr(), "/api/server/ping"));
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+    let remote = Embedded::start(
+        proxy(),
+        "0.0.0.0:0".parse().unwrap(),
+        EmbedOptions::default(),
+    );
+    assert!(matches!(remote, Err(Error::NonLoopback { .. })));
+}
