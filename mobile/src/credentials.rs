@@ -95,14 +95,9 @@ mod platform {
 /// which needs the app to have initialised the NDK context first (see README).
 #[cfg(target_os = "android")]
 mod platform {
-    use std::sync::Arc;
+    use credproxy::credentials::{KeyringStore, StoreError};
 
-    use credproxy::credentials::{CredentialStore, SERVICE, Secret, StoreError};
-    use keyring_core::{Entry, Error};
-
-    pub(super) struct AndroidStore(Arc<keyring_core::CredentialStore>);
-
-    pub(super) fn store() -> Result<AndroidStore, StoreError> {
+    pub(super) fn store() -> Result<KeyringStore, StoreError> {
         let unavailable = |detail: String| StoreError::Unavailable {
             detail,
             hint: "call io.crates.keyring.Keyring.initializeNdkContext(applicationContext) once before using the keyring",
@@ -110,54 +105,11 @@ mod platform {
         // ndk-context panics when the app never initialised it: that is a setup step the app
         // missed, so it becomes an error the app can show instead of a crash.
         match std::panic::catch_unwind(android_native_keyring_store::Store::new) {
-            Ok(Ok(store)) => Ok(AndroidStore(store)),
-            Ok(Err(err)) => Err(unavailable(describe(&err))),
+            Ok(Ok(store)) => Ok(KeyringStore::with_platform(store)),
+            Ok(Err(err)) => Err(unavailable(err.to_string())),
             Err(_) => Err(unavailable(
                 "the Android context was not initialised".to_owned(),
             )),
-        }
-    }
-
-    impl AndroidStore {
-        fn entry(&self, profile: &str) -> Result<Entry, StoreError> {
-            Entry::new_in_store(&self.0, SERVICE, profile).map_err(failed)
-        }
-    }
-
-    impl CredentialStore for AndroidStore {
-        fn get(&self, profile: &str) -> Result<Option<Secret>, StoreError> {
-            match self.entry(profile)?.get_password() {
-                Ok(password) => Ok(Some(Secret::new(password))),
-                Err(Error::NoEntry) => Ok(None),
-                Err(e) => Err(failed(e)),
-            }
-        }
-
-        fn set(&self, profile: &str, secret: &Secret) -> Result<(), StoreError> {
-            self.entry(profile)?
-                .set_password(secret.expose())
-                .map_err(failed)
-        }
-
-        fn delete(&self, profile: &str) -> Result<bool, StoreError> {
-            match self.entry(profile)?.delete_credential() {
-                Ok(()) => Ok(true),
-                Err(Error::NoEntry) => Ok(false),
-                Err(e) => Err(failed(e)),
-            }
-        }
-    }
-
-    fn failed(err: Error) -> StoreError {
-        StoreError::Failed(describe(&err))
-    }
-
-    /// Describes a keyring error without the bytes some variants carry.
-    fn describe(err: &Error) -> String {
-        match err {
-            Error::BadEncoding(_) => "the stored secret is not valid UTF-8".to_owned(),
-            Error::BadDataFormat(_, _) => "the stored secret is in an unknown format".to_owned(),
-            other => other.to_string(),
         }
     }
 }

@@ -30,6 +30,14 @@ impl KeyringStore {
         Self::default()
     }
 
+    /// Uses an already opened platform store: Android's, which the host app can open only
+    /// after it has handed over its context.
+    pub fn with_platform(platform: Arc<PlatformStore>) -> Self {
+        Self {
+            platform: OnceLock::from(platform),
+        }
+    }
+
     fn entry(&self, profile: &str) -> Result<Entry, StoreError> {
         let store = match self.platform.get() {
             Some(store) => store.clone(),
