@@ -11,7 +11,7 @@ use crate::auth::Scheme;
 use crate::check::Checker;
 use crate::cli::{Cli, Command, LoginArgs, ServeArgs};
 use crate::config::{self, ConfigStore, Profile, ServerUrl};
-use crate::credentials::{CredentialStore, KeyringStore, Secret};
+use crate::credentials::{CredentialStore, KeyringStore, Secret, local_token_account};
 use crate::error::{Error, Result};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::server::{self, ServerOptions};
@@ -204,11 +204,6 @@ fn trust_for(profile: &Profile) -> Result<TlsTrust> {
     Ok(trust)
 }
 
-/// The keyring account of a profile's local credential (profile names cannot hold ':').
-fn local_token_account(profile: &str) -> String {
-    format!("local-auth:{profile}")
-}
-
 /// `serve`: load each profile and its secret, bind, serve until a signal.
 pub async fn serve(
     config: &ConfigStore,
@@ -333,7 +328,7 @@ async fn prepare(
             blocking(move || match keyring.get(&account)? {
                 Some(token) => Ok(token),
                 None => {
-                    let token = Secret::new(crate::demo::random_token());
+                    let token = Secret::random();
                     keyring.set(&account, &token)?;
                     Ok(token)
                 }

@@ -77,7 +77,7 @@ impl StandIn {
             )
         })
         .map_err(|e| demo_err(&e))?;
-        let password = Secret::new(random_token());
+        let password = Secret::random();
         let expected = basic_auth(DEMO_USERNAME, &password);
         let addr = listener.local_addr().map_err(|source| Error::Listen {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -152,15 +152,6 @@ fn gated_immich(req: &Request<Incoming>, expected: &http::HeaderValue) -> Respon
         }
     }
     .expect("static response parts are valid")
-}
-
-/// A random 32-character token from the system's secure random source.
-pub fn random_token() -> String {
-    let mut bytes = [0u8; 24];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .expect("the system random source is available");
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Runs the demonstration; fails if anything does not behave as expected.

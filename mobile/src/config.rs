@@ -108,7 +108,7 @@ impl ProxyConfig {
             return validate_token(token).map(Some);
         }
         match &self.credentials {
-            Credentials::Provider { .. } => Ok(Some(Secret::new(credproxy::demo::random_token()))),
+            Credentials::Provider { .. } => Ok(Some(Secret::random())),
             Credentials::Keyring { .. } => {
                 credentials::keyring_local_token(&settings.profile).map(Some)
             }

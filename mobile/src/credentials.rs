@@ -1,7 +1,7 @@
 //! Where the app password comes from: a provider the app implements (reading Android Keystore
 //! or the iOS Keychain itself), or the platform keyring store by profile.
 
-use credproxy::credentials::{CredentialStore, Secret};
+use credproxy::credentials::{CredentialStore, Secret, local_token_account};
 
 use crate::error::MobileError;
 
@@ -33,12 +33,6 @@ pub fn delete_app_password(profile: String) -> Result<bool, MobileError> {
     Ok(store.delete(&profile)?)
 }
 
-/// The keyring account of a profile's local credential: the one `credproxy serve --local-auth`
-/// uses (profile names cannot contain `:`, so it never clashes with a profile).
-fn local_token_account(profile: &str) -> String {
-    format!("local-auth:{profile}")
-}
-
 /// The local credential kept in the keyring for `profile`, made and stored on first use.
 pub(crate) fn keyring_local_token(profile: &str) -> Result<Secret, MobileError> {
     let store = platform::store()?;
@@ -46,7 +40,7 @@ pub(crate) fn keyring_local_token(profile: &str) -> Result<Secret, MobileError> 
     if let Some(token) = store.get(&account)?.filter(|t| !t.is_empty()) {
         return Ok(token);
     }
-    let token = Secret::new(credproxy::demo::random_token());
+    let token = Secret::random();
     store.set(&account, &token)?;
     Ok(token)
 }

@@ -11,6 +11,12 @@ pub use self::secret::Secret;
 /// The keyring service name every credproxy entry is filed under.
 pub const SERVICE: &str = "credproxy";
 
+/// The keyring account of a profile's local client credential (`serve --local-auth`);
+/// profile names cannot contain ':', so it never clashes with a profile's own entry.
+pub fn local_token_account(profile: &str) -> String {
+    format!("local-auth:{profile}")
+}
+
 /// Why a credential store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -19,6 +19,15 @@ impl Secret {
         &self.0
     }
 
+    /// A fresh random token (24 bytes from the system's secure source, base64url).
+    pub fn random() -> Self {
+        use base64::Engine as _;
+        let mut bytes = zeroize::Zeroizing::new([0u8; 24]);
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), bytes.as_mut())
+            .expect("the system random source is available");
+        Self::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref()))
+    }
+
     /// True when the secret holds no characters.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
