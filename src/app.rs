@@ -253,6 +253,7 @@ pub async fn serve(
             let _ = rx.wait_for(|stop| *stop).await;
         }
     };
+    let threads = args.threads.map_or_else(default_threads, usize::from);
     let mut tasks = tokio::task::JoinSet::new();
     let mut proxies = Vec::new();
     for (profile, listen, proxy, token) in served {
@@ -272,7 +273,14 @@ pub async fn serve(
             ..ServerOptions::default()
         };
         proxies.push(proxy.clone());
-        tasks.spawn(server::run(listener, proxy, options, stopped()));
+        let running =
+            server::start_threads(listener, proxy, options, threads).map_err(|source| {
+                Error::Listen {
+                    addr: listen,
+                    source,
+                }
+            })?;
+        tasks.spawn(running.run_until(stopped()));
     }
     if let Some(addr) = admin {
         let listener = bind(addr).await?;
@@ -283,11 +291,20 @@ pub async fn serve(
         tasks.spawn(crate::admin::run(listener, proxies, stopped()));
     }
     let _ = std::io::stdout().flush();
+    // Start-up is over: the CLI, config, keyring and TLS-root code need not stay resident.
+    let shed = crate::memory::shed_startup_code();
+    tracing::debug!("unmapped {} KiB of start-up code", shed / 1024);
     shutdown_signal().await;
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     eprintln!("credproxy: stopped");
     Ok(())
+}
+
+/// One server thread per CPU, up to four: a loopback proxy for one person's tools rarely
+/// needs more, and each thread keeps its own upstream connections.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 /// Loads one profile for `serve`: its listen address, proxy and local credential.

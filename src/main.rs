@@ -39,14 +39,16 @@ fn main() -> ExitCode {
                 .expect("the default filter is a valid level")
         });
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(credproxy::logging::Stderr)
         .with_target(false)
         // Colour escapes only for a terminal, never in log files.
         .with_ansi(std::io::stderr().is_terminal())
         .finish()
         .with(filter)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread for the commands, signals and the admin listener; `serve` runs its own
+    // single-threaded event loop per server thread (see `server::start_threads`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

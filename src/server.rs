@@ -46,35 +46,159 @@ impl Default for ServerOptions {
     }
 }
 
+/// What every accept loop of one listener shares: the connection limit, the guards and the
+/// HTTP/1 settings.
+struct Common {
+    options: ServerOptions,
+    slots: Arc<Semaphore>,
+    builder: http1::Builder,
+    guards: Guards,
+}
+
+impl Common {
+    fn new(listener: &TcpListener, options: ServerOptions) -> Arc<Self> {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(options.header_read_timeout)
+            .max_buf_size(options.max_header_bytes.max(8192));
+        let guards = match listener.local_addr() {
+            Ok(addr) => {
+                Guards::for_listener(addr, &options.allow_hosts, options.local_token.as_ref())
+            }
+            // Without a known address, no Host can be matched: refuse everything rather than guess.
+            Err(_) => Guards::refuse_all(),
+        };
+        Arc::new(Self {
+            slots: Arc::new(Semaphore::new(options.max_connections)),
+            options,
+            builder,
+            guards,
+        })
+    }
+
+    fn in_flight(&self) -> usize {
+        self.options.max_connections - self.slots.available_permits()
+    }
+
+    fn log_drain(&self) {
+        let in_flight = self.in_flight();
+        if in_flight > 0 {
+            tracing::info!(
+                "draining {in_flight} connection(s) for up to {:?}",
+                self.options.drain_timeout
+            );
+        }
+    }
+}
+
 /// Serves `proxy` on `listener` until `shutdown` resolves, then drains in-flight requests
 /// for at most `drain_timeout`. Every request first passes the listener's [`Guards`]: its
 /// exact `Host` names, no foreign `Origin`, and the local credential when one is set.
+///
+/// Everything runs on the calling runtime; [`start_threads`] spreads the work over threads.
 pub async fn run(
     listener: TcpListener,
     proxy: Proxy,
     options: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) {
+    let common = Common::new(&listener, options);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stopper = async {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        common.log_drain();
+    };
+    tokio::join!(
+        stopper,
+        accept_loop(listener, proxy, common.clone(), stop_rx)
+    );
+}
+
+/// Starts `threads` accept loops for `listener`, each on its own thread with a
+/// single-threaded runtime and its own upstream connection pool ([`Proxy::shard`]); they
+/// serve until [`Threads::run_until`]'s shutdown future resolves (or the handle is dropped).
+///
+/// A request is then read, forwarded, answered and logged on one thread: no hand-off between
+/// threads and no work stealing on the per-request path, the way nginx's workers run. The
+/// connection limit, guards, credentials, session and statistics are shared.
+pub fn start_threads(
+    listener: TcpListener,
+    proxy: Proxy,
+    options: ServerOptions,
+    threads: usize,
+) -> std::io::Result<Threads> {
+    let common = Common::new(&listener, options);
+    let listener = listener.into_std()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut finished = Vec::new();
+    let threads = threads.max(1);
+    for index in 0..threads {
+        let listener = listener.try_clone()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            // Log lines collected while busy are written when the thread goes idle.
+            .on_thread_park(crate::logging::flush_thread)
+            .build()?;
+        let (proxy, common, stop) = (proxy.shard(threads), common.clone(), stop_rx.clone());
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("credproxy-{index}"))
+            .spawn(move || {
+                crate::logging::batch_thread();
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => accept_loop(listener, proxy, common, stop).await,
+                        Err(err) => tracing::error!("server thread {index} cannot listen: {err}"),
+                    }
+                });
+                // Connections still open after the drain are closed with the runtime.
+                drop(runtime);
+                drop(done_tx);
+            })?;
+        finished.push(done_rx);
+    }
+    Ok(Threads {
+        stop,
+        finished,
+        common,
+    })
+}
+
+/// Accept loops started by [`start_threads`].
+pub struct Threads {
+    stop: watch::Sender<bool>,
+    finished: Vec<tokio::sync::oneshot::Receiver<()>>,
+    common: Arc<Common>,
+}
+
+impl Threads {
+    /// Serves until `shutdown` resolves, then drains (at most `drain_timeout`) and returns
+    /// when every thread has finished.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
+        let _ = self.stop.send(true);
+        self.common.log_drain();
+        for done in self.finished {
+            let _ = done.await;
+        }
+    }
+}
+
+/// Accepts and serves connections until `stop` turns true (or its sender goes), then waits
+/// at most `drain_timeout` for this loop's connections to finish.
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Proxy,
+    common: Arc<Common>,
+    mut stop: watch::Receiver<bool>,
+) {
     // Every connection task holds a clone; when all are gone the receiver sees it.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let slots = Arc::new(Semaphore::new(options.max_connections));
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .max_buf_size(options.max_header_bytes.max(8192));
-    let builder = Arc::new(builder);
-    let guards = Arc::new(match listener.local_addr() {
-        Ok(addr) => Guards::for_listener(addr, &options.allow_hosts, options.local_token.as_ref()),
-        // Without a known address, no Host can be matched: refuse everything rather than guess.
-        Err(_) => Guards::refuse_all(),
-    });
-
-    tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
-            () = &mut shutdown => break,
+            _ = async { stop.wait_for(|stop| *stop).await.map(|_| ()) } => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(err) => {
@@ -85,87 +209,67 @@ pub async fn run(
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = common.slots.clone().try_acquire_owned() else {
             tokio::spawn(refuse_busy(stream));
             continue;
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let guards = guards.clone();
-        let builder = builder.clone();
-        let mut stop = stop_rx.clone();
+        let common = common.clone();
+        let mut stop = stop.clone();
         let done = done_tx.clone();
-        let slots = slots.clone();
-        let max_connections = options.max_connections;
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let proxy = proxy.clone();
-                let guards = guards.clone();
-                async move {
-                    let response = match guards.check(req.headers()) {
-                        Ok(()) => proxy.handle(req).await,
-                        Err(refusal) => proxy.refuse(&req, &refusal),
-                    };
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let conn = builder
+            // This connection's upstream connection, driven on this task beside it.
+            let lane = Arc::new(proxy.lane());
+            let service = {
+                let (common, lane) = (common.clone(), lane.clone());
+                service_fn(move |req| {
+                    let (proxy, common, lane) = (proxy.clone(), common.clone(), lane.clone());
+                    async move {
+                        let response = match common.guards.check(req.headers()) {
+                            Ok(()) => proxy.handle(req, &lane).await,
+                            Err(refusal) => proxy.refuse(&req, &refusal),
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
+                })
+            };
+            let conn = common
+                .builder
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                _ = async { stop.wait_for(|stop| *stop).await.map(|_| ()) } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let served = async {
+                tokio::pin!(conn);
+                tokio::select! {
+                    result = conn.as_mut() => result,
+                    _ = async { stop.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
                 }
             };
-            if let Err(err) = result {
+            if let Err(err) = lane.drive(served).await {
                 tracing::debug!("client connection ended: {err}");
             }
+            lane.release();
             drop(permit);
-            if slots.available_permits() == max_connections {
+            if common.in_flight() == 0 {
                 // The last client left: hand the memory a burst of connections used back to
                 // the system, so an idle proxy returns to its idle footprint.
-                release_free_memory();
+                crate::memory::release_free_memory();
             }
             drop(done);
         });
     }
-
     drop(listener);
-    let _ = stop_tx.send(true);
     drop(done_tx);
-    let in_flight = options.max_connections - slots.available_permits();
-    if in_flight > 0 {
-        tracing::info!(
-            "draining {in_flight} connection(s) for up to {:?}",
-            options.drain_timeout
-        );
-    }
-    if tokio::time::timeout(options.drain_timeout, done_rx.recv())
+    if tokio::time::timeout(common.options.drain_timeout, done_rx.recv())
         .await
         .is_err()
     {
         tracing::warn!("drain timeout reached; closing the remaining connections");
     }
 }
-
-/// Returns freed heap pages to the system (glibc keeps them in its arenas otherwise).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_free_memory() {
-    unsafe extern "C" {
-        fn malloc_trim(pad: usize) -> std::ffi::c_int;
-    }
-    // SAFETY: malloc_trim only releases free memory held by the allocator; it takes no
-    // pointers and is safe to call from any thread at any time.
-    unsafe {
-        malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_free_memory() {}
 
 /// Answers a connection beyond the limit with a short 503 and closes it.
 async fn refuse_busy(mut stream: TcpStream) {

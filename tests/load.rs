@@ -127,7 +127,16 @@ async fn ten_thousand_requests_over_256_connections_without_errors() {
     assert!(login.wait().await.unwrap().success());
 
     let mut serve = Command::new(bin)
-        .args(["serve", "--profile", &profile, "--listen", "127.0.0.1:0"])
+        // Two server threads whatever the machine: the load crosses both.
+        .args([
+            "serve",
+            "--profile",
+            &profile,
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+        ])
         .env("CREDPROXY_CONFIG", &config)
         .env("CREDPROXY_LOG", "warn")
         .stdout(Stdio::piped())
