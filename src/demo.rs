@@ -11,8 +11,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
@@ -26,6 +25,25 @@ use crate::gate::OUTPOST_START;
 use crate::proxy::{Proxy, ProxySettings, basic_auth};
 use crate::server::{self, ServerOptions};
 use crate::upstream::{ClientOptions, TlsTrust};
+
+/// `GET path` from the proxy at `addr`, as a client with no credentials would send it.
+async fn get_local(addr: SocketAddr, path: &str) -> Result<(StatusCode, String), hyper::Error> {
+    let stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(stream) => stream,
+        Err(e) => return Ok((StatusCode::BAD_GATEWAY, e.to_string())),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(conn);
+    let request = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .expect("a path and a socket address make a request");
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    driver.abort();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
 
 /// The stand-in's service account.
 const DEMO_USERNAME: &str = "svc-demo";
@@ -207,23 +225,10 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
     ));
     println!("3. credproxy listens on http://{local} and adds the credentials from its store");
 
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut through_ok = true;
     for path in [PING_PATH, "/api/server/version"] {
-        let uri: http::Uri = format!("http://{local}{path}")
-            .parse()
-            .expect("a socket address and path form a URI");
-        let (status, body) = match client.get(uri).await {
-            Ok(response) => {
-                let status = response.status();
-                let body = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                (status, String::from_utf8_lossy(&body).into_owned())
-            }
+        let (status, body) = match get_local(local, path).await {
+            Ok(answer) => answer,
             Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()),
         };
         println!(

@@ -20,7 +20,8 @@ use crate::error::Result;
 use crate::gate::{self, Verdict};
 use crate::guard::Refusal;
 use crate::jar::{self, SessionJar};
-use crate::upstream::{self, ClientOptions, FailureKind, HttpsClient, TlsTrust};
+use crate::pool::{Lane, Pool, SendError};
+use crate::upstream::{self, ClientOptions, FailureKind, TlsTrust};
 
 /// Immich's header for a user session token: where a client's own Bearer token goes.
 pub const IMMICH_USER_TOKEN: HeaderName = HeaderName::from_static("x-immich-user-token");
@@ -279,15 +280,25 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The per-request service: rewrites, forwards, streams back.
+///
+/// Clones share everything. [`Proxy::shard`] makes a proxy that shares the credentials,
+/// session, back-off and statistics but has its own upstream connection pool, for a server
+/// thread whose connections should never be driven from another thread.
 #[derive(Clone)]
 pub struct Proxy {
     inner: Arc<Inner>,
 }
 
 struct Inner {
+    shared: Arc<Shared>,
+    pool: Pool,
+}
+
+/// What every shard of one profile's proxy has in common.
+struct Shared {
     settings: ProxySettings,
     target: Target,
-    client: HttpsClient,
+    tls: Arc<rustls::ClientConfig>,
     credentials: Injection,
     backoff: Backoff,
     jar: SessionJar,
@@ -306,33 +317,64 @@ impl Proxy {
         scheme: &auth::Scheme,
         secret: &Secret,
     ) -> Result<Self> {
-        let client = upstream::build_client(&settings.trust, &settings.client)?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                target: Target::new(&settings.server),
-                credentials: scheme.injection(&settings.username, secret)?,
-                client,
-                settings,
-                backoff: Backoff::default(),
-                jar: SessionJar::new(),
-                stats: Arc::new(Stats::default()),
-            }),
-        })
+        let tls = upstream::tls_config(&settings.trust)?;
+        let shared = Arc::new(Shared {
+            target: Target::new(&settings.server),
+            credentials: scheme.injection(&settings.username, secret)?,
+            tls,
+            settings,
+            backoff: Backoff::default(),
+            jar: SessionJar::new(),
+            stats: Arc::new(Stats::default()),
+        });
+        Ok(Self::over(shared, 1))
+    }
+
+    fn over(shared: Arc<Shared>, shards: usize) -> Self {
+        let options = &shared.settings.client;
+        let pool = Pool::new(
+            upstream::connector(shared.tls.clone(), options),
+            crate::pool::origin(&shared.target.authority),
+            options.pool_idle_timeout,
+            options.pool_max_idle.div_ceil(shards.max(1)),
+        );
+        Self {
+            inner: Arc::new(Inner { shared, pool }),
+        }
+    }
+
+    /// One of `shards` proxies sharing this one's credentials, session, back-off and
+    /// statistics, each with its own upstream connection pool (whose connections run on the
+    /// runtime that uses them) keeping its share of the idle connections.
+    pub fn shard(&self, shards: usize) -> Self {
+        Self::over(self.inner.shared.clone(), shards)
+    }
+
+    /// An upstream lane for one client connection: pass it to [`Proxy::handle`] for each of
+    /// the connection's requests, drive it with [`Lane::drive`] and [`Lane::release`] it when
+    /// the client leaves.
+    pub fn lane(&self) -> Lane {
+        self.inner.pool.lane()
+    }
+
+    /// Idle upstream connections kept for reuse.
+    pub fn idle_upstream_connections(&self) -> usize {
+        self.inner.pool.idle_count()
     }
 
     /// Totals across every exchange so far.
     pub fn stats(&self) -> &Stats {
-        &self.inner.stats
+        &self.inner.shared.stats
     }
 
     /// Whether the gate's last answer rejected the credentials and a back-off is running.
     pub fn credentials_rejected(&self) -> bool {
-        self.inner.backoff.active().is_some()
+        self.inner.shared.backoff.active().is_some()
     }
 
     /// The settings this proxy runs with.
     pub fn settings(&self) -> &ProxySettings {
-        &self.inner.settings
+        &self.inner.shared.settings
     }
 
     /// Answers a request the listener's guards refused; nothing is forwarded.
@@ -340,13 +382,17 @@ impl Proxy {
         let exchange = Exchange::new(
             req.method().clone(),
             req.uri().path(),
-            self.inner.stats.clone(),
+            self.inner.shared.stats.clone(),
         );
         let message = refusal.message();
         tracing::warn!("refused {} {}: {message}", req.method(), req.uri().path());
-        let mut response =
-            self.inner
-                .error_response(&exchange, refusal.status(), refusal.code(), message, None);
+        let mut response = self.inner.shared.error_response(
+            &exchange,
+            refusal.status(),
+            refusal.code(),
+            message,
+            None,
+        );
         if *refusal == Refusal::LocalAuth {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -356,9 +402,10 @@ impl Proxy {
         response
     }
 
-    /// Handles one client request; never fails: problems become error responses.
-    pub async fn handle(&self, mut req: Request<Incoming>) -> Response<ResponseBody> {
-        let inner = &*self.inner;
+    /// Handles one client request over the client connection's `lane`; never fails:
+    /// problems become error responses.
+    pub async fn handle(&self, mut req: Request<Incoming>, lane: &Lane) -> Response<ResponseBody> {
+        let inner = &*self.inner.shared;
         let exchange = Arc::new(Exchange::new(
             req.method().clone(),
             req.uri().path(),
@@ -383,7 +430,7 @@ impl Proxy {
         }
         let idle = Some(inner.settings.idle_timeout);
         let body = Tracked::new(body, exchange.clone(), Direction::Up, idle);
-        let mut response = match inner.client.request(Request::from_parts(parts, body)).await {
+        let mut response = match lane.send(Request::from_parts(parts, body)).await {
             Ok(response) => response,
             Err(err) => return inner.upstream_failure(&exchange, &err),
         };
@@ -434,7 +481,7 @@ async fn bridge(
     }
 }
 
-impl Inner {
+impl Shared {
     fn fix_command(&self) -> String {
         format!(
             "credproxy login --profile {} --server {} --username {}",
@@ -471,15 +518,11 @@ impl Inner {
         response
     }
 
-    fn upstream_failure(
-        &self,
-        exchange: &Exchange,
-        err: &hyper_util::client::legacy::Error,
-    ) -> Response<ResponseBody> {
+    fn upstream_failure(&self, exchange: &Exchange, err: &SendError) -> Response<ResponseBody> {
         self.stats
             .upstream_errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (kind, detail) = upstream::describe_failure(err);
+        let (kind, detail) = upstream::describe_failure(err.as_error());
         let server = &self.settings.server;
         let (status, code, message, fix) = match kind {
             FailureKind::Dns => (

@@ -1,4 +1,5 @@
-//! The HTTPS client to the one upstream: TLS trust as a value, rustls with ring, a pooled client.
+//! The HTTPS connection to the one upstream: TLS trust as a value, rustls with ring, the
+//! connector, and what kind of failure an error is.
 
 use std::io;
 use std::path::Path;
@@ -6,20 +7,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::body::Tracked;
 use crate::error::{Error, Result};
-
-/// The pooled HTTPS client the proxy forwards through.
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Tracked<hyper::body::Incoming>>;
 
 /// Which certificates the upstream may present: public roots plus any extra CAs.
 ///
@@ -217,25 +212,26 @@ impl Default for ClientOptions {
     }
 }
 
-/// Builds the pooled HTTP/1.1 client over rustls (websocket upgrades need HTTP/1.1).
-pub fn build_client(trust: &TlsTrust, options: &ClientOptions) -> Result<HttpsClient> {
+/// The TLS configuration for the upstream client (one per profile: clients built from it
+/// share its session-resumption cache).
+pub fn tls_config(trust: &TlsTrust) -> Result<Arc<ClientConfig>> {
     // hyper-rustls sets ALPN itself from the enabled protocols.
-    let tls = trust.client_config(&[])?;
+    trust.client_config(&[])
+}
+
+/// The HTTPS-only connector (TCP with no delay and keep-alive, then TLS) over a TLS
+/// configuration.
+pub fn connector(tls: Arc<ClientConfig>, options: &ClientOptions) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(options.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(30)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(Arc::unwrap_or_clone(tls))
         .https_only()
         .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(options.pool_idle_timeout)
-        .pool_max_idle_per_host(options.pool_max_idle)
-        .build(https))
+        .wrap_connector(http)
 }
 
 /// Names the kind of failure behind an upstream error, for messages and status codes.

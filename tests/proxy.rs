@@ -331,3 +331,103 @@ async fn shutdown_drains_requests_in_flight_and_stops_accepting() {
         .expect("the server finished after draining")
         .unwrap();
 }
+
+#[tokio::test]
+async fn upstream_connections_outlive_client_connections() {
+    let mock = Mock::start().await;
+    let proxy = start_proxy(&mock).await;
+    // Twenty clients one after another, each on its own connection (as curl in a loop).
+    for _ in 0..20 {
+        let (response, _) = get(proxy.addr, "/api/server/ping").await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    // A client that left hands its upstream connection to the next one instead of each
+    // paying for a TLS handshake; a client arriving just before the last one's hand-back
+    // may open a second connection.
+    let made = mock.state.connections.load(Ordering::SeqCst);
+    assert!(
+        made <= 3,
+        "{made} upstream connections for 20 client connections"
+    );
+
+    // One client connection keeps one upstream connection for all its requests.
+    let before = mock.state.connections.load(Ordering::SeqCst);
+    let mut sender = connect::<http_body_util::Empty<Bytes>>(proxy.addr).await;
+    for _ in 0..20 {
+        let request = Request::get("/api/server/ping")
+            .header("host", proxy.addr.to_string())
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let (response, _) = collect(sender.send_request(request).await.unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let more = mock.state.connections.load(Ordering::SeqCst) - before;
+    assert!(
+        more <= 1,
+        "{more} new upstream connections for one client connection"
+    );
+}
+
+#[tokio::test]
+async fn upstream_closing_idle_connections_costs_no_request() {
+    let mock = Mock::start().await;
+    let proxy = start_proxy(&mock).await;
+    // One client stays connected (its upstream connection is driven), others come and go
+    // (theirs wait in the pool).
+    let mut sender = connect::<http_body_util::Empty<Bytes>>(proxy.addr).await;
+    let ping = || {
+        Request::get("/api/server/ping")
+            .header("host", proxy.addr.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    for round in 0..3 {
+        let (response, _) = collect(sender.send_request(ping()).await.unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        for _ in 0..3 {
+            let (response, _) = get(proxy.addr, "/api/server/ping").await;
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        // The last client's upstream connection is back in the pool (bounded wait: the
+        // proxy's task notices the client left on its next turn).
+        for _ in 0..10_000 {
+            if proxy.proxy.idle_upstream_connections() > 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(proxy.proxy.idle_upstream_connections(), 1, "round {round}");
+        // The upstream drops every connection it holds, idle or not, as a keep-alive
+        // timeout or a restart does; wait until it has.
+        let open = mock.state.connections.load(Ordering::SeqCst)
+            - mock.state.closed.load(Ordering::SeqCst);
+        assert!(
+            open > 0,
+            "round {round}: the proxy keeps upstream connections"
+        );
+        let all_closed = async {
+            loop {
+                let closed = mock.state.closed_one.notified();
+                if mock.state.connections.load(Ordering::SeqCst)
+                    == mock.state.closed.load(Ordering::SeqCst)
+                {
+                    break;
+                }
+                mock.state.close_all.notify_waiters();
+                // A connection accepted at this very moment may miss the call: ask again.
+                let _ = tokio::time::timeout(Duration::from_millis(200), closed).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), all_closed)
+            .await
+            .expect("the mock closed its connections");
+        // Nothing the clients send next fails for it: neither the connected client nor
+        // new ones.
+        let (response, _) = collect(sender.send_request(ping()).await.unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK, "round {round}");
+        for _ in 0..3 {
+            let (response, body) = get(proxy.addr, "/api/server/ping").await;
+            assert_eq!(response.status(), StatusCode::OK, "round {round}: {body:?}");
+        }
+    }
+}

@@ -71,6 +71,15 @@ pub struct MockState {
     pub no_gate: std::sync::atomic::AtomicBool,
     /// When set, the host behind the gate is some other web server, not Immich.
     pub not_immich: std::sync::atomic::AtomicBool,
+    /// TLS connections accepted so far.
+    pub connections: AtomicUsize,
+    /// Closes every open connection (as a server's keep-alive timeout does) when notified
+    /// with `notify_waiters`.
+    pub close_all: Notify,
+    /// Connections closed so far, by `close_all` or by their client.
+    pub closed: AtomicUsize,
+    /// Signalled whenever a connection closes.
+    pub closed_one: Notify,
     /// Valid session cookie values.
     sessions: Mutex<Vec<String>>,
 }
@@ -142,7 +151,9 @@ impl Mock {
                         let Ok(tls) = acceptor.accept(tcp).await else {
                             return;
                         };
+                        state.connections.fetch_add(1, Ordering::SeqCst);
                         let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                        let conn_state = state.clone();
                         let service = service_fn(move |req: Request<Incoming>| {
                             let state = state.clone();
                             let expected = expected.clone();
@@ -165,10 +176,15 @@ impl Mock {
                                 Ok(handle(req, &state, &expected, sni).await)
                             }
                         });
-                        let _ = hyper::server::conn::http1::Builder::new()
+                        let served = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(tls), service)
-                            .with_upgrades()
-                            .await;
+                            .with_upgrades();
+                        tokio::select! {
+                            _ = served => {}
+                            () = conn_state.close_all.notified() => {}
+                        }
+                        conn_state.closed.fetch_add(1, Ordering::SeqCst);
+                        conn_state.closed_one.notify_waiters();
                     });
                 }
             })

@@ -1,0 +1,377 @@
+//! Upstream HTTP/1.1 connections, driven on the task of the client connection that uses them.
+//!
+//! A client connection borrows one upstream connection (its [`Lane`]) while it stays open and
+//! polls it from its own task, beside the client side ([`Lane::drive`]): a request is read,
+//! forwarded, answered and streamed back without handing anything to another task or thread.
+//! When the client leaves, a healthy upstream connection goes back to the [`Pool`] for the
+//! next client; idle ones there are closed after the idle timeout.
+//!
+//! A request that an upstream connection did not take (it had closed while idle, as servers
+//! do with keep-alive connections) is sent again on another one; a request that was written
+//! is never sent twice.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tower_service::Service as _;
+
+use crate::body::{BoxError, Tracked};
+
+/// The body of a request sent upstream.
+pub type UpstreamBody = Tracked<Incoming>;
+
+type Sender = http1::SendRequest<UpstreamBody>;
+/// A connection's driver: reads and writes until the connection closes or is upgraded.
+type Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// Why a request did not get an answer from the upstream.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made (DNS, TCP, TLS).
+    Connect(BoxError),
+    /// The connection failed while sending the request or reading the answer.
+    Http(hyper::Error),
+}
+
+impl SendError {
+    /// The underlying error, for [`crate::upstream::describe_failure`].
+    pub fn as_error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            Self::Connect(err) => &**err,
+            Self::Http(err) => err,
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self.as_error(), f)
+    }
+}
+
+/// Idle upstream connections of one server thread (or of one runtime), ready for reuse.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    connector: HttpsConnector<HttpConnector>,
+    origin: Uri,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<VecDeque<Idle>>,
+    /// Wakes the reaper when the pool gains its first idle connection (or is dropped).
+    wake: Arc<Notify>,
+    reaper: std::sync::Once,
+}
+
+struct Idle {
+    sender: Sender,
+    conn: Conn,
+    since: Instant,
+}
+
+impl Pool {
+    /// A pool of connections to `origin` (`https://host:port`) made with `connector`; at most
+    /// `max_idle` idle connections are kept, each for at most `idle_timeout`.
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        origin: Uri,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Self {
+        Self {
+            inner: Arc::new(PoolInner {
+                connector,
+                origin,
+                idle_timeout,
+                max_idle,
+                idle: Mutex::new(VecDeque::new()),
+                wake: Arc::new(Notify::new()),
+                reaper: std::sync::Once::new(),
+            }),
+        }
+    }
+
+    /// A lane for one client connection; nothing is connected until the first request.
+    pub fn lane(&self) -> Lane {
+        Lane {
+            pool: self.inner.clone(),
+            slot: Mutex::new(Slot::default()),
+        }
+    }
+
+    /// How many idle connections the pool holds now.
+    pub fn idle_count(&self) -> usize {
+        lock(&self.inner.idle).len()
+    }
+}
+
+impl PoolInner {
+    /// The most recently used idle connection that is still open, if any.
+    fn take_idle(&self) -> Option<(Sender, Conn)> {
+        loop {
+            let mut idle = lock(&self.idle).pop_back()?;
+            if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
+                continue;
+            }
+            // One poll lets the connection notice a close that arrived while it was parked
+            // (the server's keep-alive timeout): then it finishes here instead of failing the
+            // request. Its next poll, from the lane, registers the real waker.
+            let mut cx = Context::from_waker(Waker::noop());
+            if idle.conn.as_mut().poll(&mut cx).is_ready() {
+                continue;
+            }
+            return Some((idle.sender, idle.conn));
+        }
+    }
+
+    /// Opens a new connection (TCP, TLS) and starts HTTP/1.1 on it.
+    async fn connect(&self) -> Result<(Sender, Conn), SendError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.origin.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(SendError::Http)?;
+        Ok((sender, Box::pin(conn.with_upgrades())))
+    }
+
+    fn park(self: &Arc<Self>, sender: Sender, conn: Conn) {
+        if self.max_idle == 0 {
+            return;
+        }
+        {
+            let mut idle = lock(&self.idle);
+            idle.push_back(Idle {
+                sender,
+                conn,
+                since: Instant::now(),
+            });
+            while idle.len() > self.max_idle {
+                idle.pop_front();
+            }
+        }
+        self.reaper.call_once(|| {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(reap(Arc::downgrade(self), self.wake.clone()));
+            }
+        });
+        self.wake.notify_one();
+    }
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        // Lets the reaper see that the pool is gone and end.
+        self.wake.notify_one();
+    }
+}
+
+/// Closes idle connections once they have been idle for the timeout; sleeps while there
+/// are none, and ends with the pool.
+async fn reap(pool: Weak<PoolInner>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(pool) = pool.upgrade() else { return };
+            let now = Instant::now();
+            let mut idle = lock(&pool.idle);
+            while idle
+                .front()
+                .is_some_and(|i| i.since + pool.idle_timeout <= now)
+            {
+                idle.pop_front();
+            }
+            idle.front().map(|i| i.since + pool.idle_timeout)
+        };
+        match next {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => {
+                // Nothing idle is left: give the connections' buffers back to the system.
+                crate::memory::release_free_memory();
+                wake.notified().await;
+            }
+        }
+    }
+}
+
+/// The upstream connection of one client connection.
+pub struct Lane {
+    pool: Arc<PoolInner>,
+    slot: Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The connection's sender while no request is in flight on it.
+    sender: Option<Sender>,
+    /// The connection being driven; `None` before the first request and after it closed.
+    conn: Option<Conn>,
+    /// The client connection's task, woken when a new connection needs its first poll.
+    waker: Option<Waker>,
+}
+
+impl Lane {
+    /// Sends `req` upstream (its URI absolute or origin-form; sent in origin-form) and waits
+    /// for the response head. The connection must be driven by [`Lane::drive`] meanwhile.
+    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
+        let mut req = origin_form(req);
+        loop {
+            let (mut sender, reused) = match self.take_sender() {
+                Some(sender) => (sender, true),
+                None => match self.pool.take_idle() {
+                    Some((sender, conn)) => (self.install(sender, conn), true),
+                    None => {
+                        // Boxed: a rare path that would otherwise make every request's
+                        // future (moved a few times per request) larger.
+                        let (sender, conn) = Box::pin(self.pool.connect()).await?;
+                        (self.install(sender, conn), false)
+                    }
+                },
+            };
+            if let Err(err) = sender.ready().await {
+                self.close();
+                if reused {
+                    continue;
+                }
+                return Err(SendError::Http(err));
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    let mut slot = lock(&self.slot);
+                    if slot.conn.is_some() {
+                        slot.sender = Some(sender);
+                    }
+                    return Ok(response);
+                }
+                Err(mut err) => {
+                    self.close();
+                    match err.take_message() {
+                        // Not written: the connection had closed. Another one gets it.
+                        Some(back) if reused => req = back,
+                        _ => return Err(SendError::Http(err.into_error())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `served` (the client side of the connection) while driving the upstream
+    /// connection, both on the calling task; returns `served`'s output.
+    pub async fn drive<F: Future>(&self, served: F) -> F::Output {
+        let mut served = std::pin::pin!(served);
+        std::future::poll_fn(|cx| {
+            // Upstream first (an answer that arrived goes straight to the client side), then
+            // the client side, then upstream again (a request it just handed over is written
+            // in the same pass).
+            self.poll_conn(cx);
+            if let Poll::Ready(out) = served.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            self.poll_conn(cx);
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Returns a healthy, idle upstream connection to the pool (the client has left).
+    pub fn release(&self) {
+        let slot = std::mem::take(&mut *lock(&self.slot));
+        if let (Some(sender), Some(mut conn)) = (slot.sender, slot.conn) {
+            // Lets it finish a last read (the end of a body) before it is judged.
+            let mut cx = Context::from_waker(Waker::noop());
+            if conn.as_mut().poll(&mut cx).is_pending() && sender.is_ready() {
+                self.pool.park(sender, conn);
+            }
+        }
+    }
+
+    fn take_sender(&self) -> Option<Sender> {
+        let mut slot = lock(&self.slot);
+        if slot.conn.is_none() {
+            slot.sender = None;
+        }
+        slot.sender.take()
+    }
+
+    fn install(&self, sender: Sender, conn: Conn) -> Sender {
+        let mut slot = lock(&self.slot);
+        slot.conn = Some(conn);
+        slot.sender = None;
+        if let Some(waker) = slot.waker.take() {
+            waker.wake();
+        }
+        sender
+    }
+
+    fn close(&self) {
+        let mut slot = lock(&self.slot);
+        slot.conn = None;
+        slot.sender = None;
+    }
+
+    fn poll_conn(&self, cx: &mut Context<'_>) {
+        let mut slot = lock(&self.slot);
+        if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            slot.waker = Some(cx.waker().clone());
+        }
+        if let Some(conn) = slot.conn.as_mut()
+            && let Poll::Ready(result) = conn.as_mut().poll(cx)
+        {
+            // Closed by the server, failed, or handed over to an upgrade (a websocket).
+            if let Err(err) = result {
+                tracing::debug!("upstream connection ended: {err}");
+            }
+            slot.conn = None;
+            slot.sender = None;
+        }
+    }
+}
+
+/// The request with its target in origin-form (`/path?query`), as HTTP/1.1 sends it to an
+/// origin server.
+fn origin_form<B>(req: Request<B>) -> Request<B> {
+    let (mut parts, body) = req.into_parts();
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(path_and_query);
+    }
+    Request::from_parts(parts, body)
+}
+
+/// The origin URI (`https://authority/`) connections are made to.
+pub fn origin(authority: &http::uri::Authority) -> Uri {
+    Uri::builder()
+        .scheme(Scheme::HTTPS)
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .expect("an authority and a static path make a URI")
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section here only moves values in and out: a panic cannot leave them
+    // half-written.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
