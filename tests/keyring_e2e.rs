@@ -165,6 +165,18 @@ async fn login_then_serve_then_request_through_the_real_keyring() {
     );
     assert_eq!(seen.headers["authorization"], expected);
 
+    // The request's log line is written while serve runs (server threads write what they
+    // collected when they go idle), not only at exit.
+    let mut stderr = BufReader::new(serve.stderr.take().unwrap());
+    let mut logs = String::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !logs.contains("/api/server/ping") {
+            assert!(stderr.read_line(&mut logs).await.unwrap() > 0, "{logs}");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no log line for the request while serving: {logs}"));
+
     // SIGTERM stops it cleanly, and its logs never carried the secret.
     let pid = serve.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")
@@ -177,16 +189,10 @@ async fn login_then_serve_then_request_through_the_real_keyring() {
         .expect("serve exited after SIGTERM")
         .unwrap();
     assert_eq!(status.code(), Some(0));
-    let mut logs = String::new();
-    serve
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .await
-        .unwrap();
-    assert!(
-        logs.contains("/api/server/ping"),
+    stderr.read_to_string(&mut logs).await.unwrap();
+    assert_eq!(
+        logs.matches("/api/server/ping").count(),
+        1,
         "one log line per request: {logs}"
     );
     assert!(!logs.contains(&mock.password) && !logs.contains(expected.to_str().unwrap()));
