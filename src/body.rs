@@ -87,7 +87,8 @@ impl Histogram {
 #[derive(Debug)]
 pub struct Exchange {
     method: http::Method,
-    path: String,
+    /// The request target; only its path is ever logged (queries can carry share keys).
+    uri: http::Uri,
     start: Instant,
     status: AtomicU16,
     up: AtomicU64,
@@ -96,11 +97,11 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// Starts the record for a request; `path` must not contain the query.
-    pub fn new(method: http::Method, path: &str, stats: Arc<Stats>) -> Self {
+    /// Starts the record for a request to `uri` (a reference-counted copy is kept).
+    pub fn new(method: http::Method, uri: &http::Uri, stats: Arc<Stats>) -> Self {
         Self {
             method,
-            path: path.to_owned(),
+            uri: uri.clone(),
             start: Instant::now(),
             status: AtomicU16::new(0),
             up: AtomicU64::new(0),
@@ -132,14 +133,15 @@ impl Drop for Exchange {
         self.stats.bytes_down.fetch_add(down, Ordering::Relaxed);
         let elapsed = self.start.elapsed();
         self.stats.latency.record(elapsed);
+        // One preformatted message rather than six fields: the line is the same, the
+        // formatter does a sixth of the work.
         tracing::info!(
             target: "credproxy::access",
-            method = %self.method,
-            path = %self.path,
-            status = *self.status.get_mut(),
-            up,
-            down,
-            ms = elapsed.as_millis() as u64,
+            "method={} path={} status={} up={up} down={down} ms={}",
+            self.method,
+            self.uri.path(),
+            self.status.get_mut(),
+            elapsed.as_millis(),
         );
     }
 }
@@ -276,7 +278,11 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
         let stream = tokio_stream_from(rx);
         let stats = Arc::new(Stats::default());
-        let exchange = Arc::new(Exchange::new(http::Method::PUT, "/x", stats.clone()));
+        let exchange = Arc::new(Exchange::new(
+            http::Method::PUT,
+            &http::Uri::from_static("/x?secret=1"),
+            stats.clone(),
+        ));
         let mut body = Tracked::new(
             StreamBody::new(stream),
             exchange,

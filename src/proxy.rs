@@ -381,7 +381,7 @@ impl Proxy {
     pub fn refuse<B>(&self, req: &Request<B>, refusal: &Refusal) -> Response<ResponseBody> {
         let exchange = Exchange::new(
             req.method().clone(),
-            req.uri().path(),
+            req.uri(),
             self.inner.shared.stats.clone(),
         );
         let message = refusal.message();
@@ -408,7 +408,7 @@ impl Proxy {
         let inner = &*self.inner.shared;
         let exchange = Arc::new(Exchange::new(
             req.method().clone(),
-            req.uri().path(),
+            req.uri(),
             inner.stats.clone(),
         ));
         if let Some(remaining) = inner.backoff.active() {

@@ -64,12 +64,16 @@ fn serves_counts_and_stops() {
     assert!(embedded.is_running());
     assert_eq!(embedded.local_url(), format!("http://{addr}"));
 
-    let (response, body) = runtime.block_on(get(addr, "/api/server/ping"));
+    let (response, body) = runtime.block_on(get(addr, "/api/server/ping?key=share-secret"));
     assert_eq!(response.status(), StatusCode::OK);
     let line = exchange_done(&lines);
     assert!(
-        line.contains("path=/api/server/ping") && line.contains("status=200"),
+        line.contains("method=GET path=/api/server/ping status=200"),
         "{line}"
+    );
+    assert!(
+        !line.contains("share-secret"),
+        "queries are never logged: {line}"
     );
     let snapshot = embedded.snapshot();
     assert_eq!(snapshot.requests, 1);
