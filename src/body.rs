@@ -136,7 +136,7 @@ impl Drop for Exchange {
         // One preformatted message rather than six fields: the line is the same, the
         // formatter does a sixth of the work.
         tracing::info!(
-            target: "credproxy::access",
+            target: crate::logging::ACCESS_TARGET,
             "method={} path={} status={} up={up} down={down} ms={}",
             self.method,
             self.uri.path(),

@@ -40,9 +40,9 @@ fn main() -> ExitCode {
         });
     tracing_subscriber::fmt()
         .with_writer(credproxy::logging::Stderr)
-        .with_target(false)
         // Colour escapes only for a terminal, never in log files.
         .with_ansi(std::io::stderr().is_terminal())
+        .event_format(credproxy::logging::Format::new())
         .finish()
         .with(filter)
         .init();
