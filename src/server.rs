@@ -112,7 +112,7 @@ pub async fn run(
     };
     tokio::join!(
         stopper,
-        accept_loop(listener, proxy, common.clone(), stop_rx)
+        accept_loop(listener, proxy, common.clone(), stop_rx, false)
     );
 }
 
@@ -149,7 +149,7 @@ pub fn start_threads(
                 crate::logging::batch_thread();
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(listener) => accept_loop(listener, proxy, common, stop).await,
+                        Ok(listener) => accept_loop(listener, proxy, common, stop, true).await,
                         Err(err) => tracing::error!("server thread {index} cannot listen: {err}"),
                     }
                 });
@@ -193,6 +193,7 @@ async fn accept_loop(
     proxy: Proxy,
     common: Arc<Common>,
     mut stop: watch::Receiver<bool>,
+    shared_listener: bool,
 ) {
     // Every connection task holds a clone; when all are gone the receiver sees it.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
@@ -260,6 +261,12 @@ async fn accept_loop(
             }
             drop(done);
         });
+        if shared_listener {
+            // Every thread is woken for a new connection; one that takes a whole burst of
+            // them at once leaves the others idle. Stepping back after each one lets the
+            // other threads take their share.
+            tokio::task::yield_now().await;
+        }
     }
     drop(listener);
     drop(done_tx);
