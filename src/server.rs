@@ -14,6 +14,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::credentials::Secret;
 use crate::guard::Guards;
+use crate::pool::Lane;
 use crate::proxy::Proxy;
 
 /// Limits and timeouts for client connections.
@@ -186,6 +187,13 @@ impl Threads {
     }
 }
 
+/// What the requests of one client connection share: one reference-counted clone each.
+struct Client {
+    proxy: Proxy,
+    common: Arc<Common>,
+    lane: Lane,
+}
+
 /// Accepts and serves connections until `stop` turns true (or its sender goes), then waits
 /// at most `drain_timeout` for this loop's connections to finish.
 async fn accept_loop(
@@ -215,27 +223,30 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let common = common.clone();
+        let client = Arc::new(Client {
+            // This connection's upstream connection, driven on this task beside it.
+            lane: proxy.lane(),
+            proxy: proxy.clone(),
+            common: common.clone(),
+        });
         let mut stop = stop.clone();
         let done = done_tx.clone();
         tokio::spawn(async move {
-            // This connection's upstream connection, driven on this task beside it.
-            let lane = Arc::new(proxy.lane());
             let service = {
-                let (common, lane) = (common.clone(), lane.clone());
+                let client = client.clone();
                 service_fn(move |req| {
-                    let (proxy, common, lane) = (proxy.clone(), common.clone(), lane.clone());
+                    let client = client.clone();
                     async move {
-                        let response = match common.guards.check(req.headers()) {
-                            Ok(()) => proxy.handle(req, &lane).await,
-                            Err(refusal) => proxy.refuse(&req, &refusal),
+                        let response = match client.common.guards.check(req.headers()) {
+                            Ok(()) => client.proxy.handle(req, &client.lane).await,
+                            Err(refusal) => client.proxy.refuse(&req, &refusal),
                         };
                         Ok::<_, Infallible>(response)
                     }
                 })
             };
-            let conn = common
+            let conn = client
+                .common
                 .builder
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
@@ -249,12 +260,12 @@ async fn accept_loop(
                     }
                 }
             };
-            if let Err(err) = lane.drive(served).await {
+            if let Err(err) = client.lane.drive(served).await {
                 tracing::debug!("client connection ended: {err}");
             }
-            lane.release();
+            client.lane.release();
             drop(permit);
-            if common.in_flight() == 0 {
+            if client.common.in_flight() == 0 {
                 // The last client left: hand the memory a burst of connections used back to
                 // the system, so an idle proxy returns to its idle footprint.
                 crate::memory::release_free_memory();

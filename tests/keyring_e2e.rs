@@ -148,12 +148,7 @@ async fn login_then_serve_then_request_through_the_real_keyring() {
         .expect("serve announced its address")
         .unwrap()
         .expect("serve printed a line");
-    let addr: std::net::SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let addr = common::address_in(&line);
 
     let (response, body) = common::get(addr, "/api/server/ping").await;
     assert_eq!(response.status(), StatusCode::OK);
@@ -346,12 +341,7 @@ async fn cloudflare_access_login_verifies_two_values_and_serve_injects_them() {
         .unwrap()
         .unwrap()
         .unwrap();
-    let addr: std::net::SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap();
+    let addr = common::address_in(&line);
     let (response, _) = common::get(addr, "/api/server/ping").await;
     assert_eq!(response.status(), StatusCode::OK);
     let seen = mock.state.last();
@@ -360,14 +350,6 @@ async fn cloudflare_access_login_verifies_two_values_and_serve_injects_them() {
     serve.start_kill().unwrap();
     let logout = run(&config, &["logout", "--profile", &profile], None).await;
     assert_eq!(logout.code, Some(0));
-}
-
-fn address_in(line: &str) -> std::net::SocketAddr {
-    line.split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -431,9 +413,9 @@ async fn one_process_serves_several_profiles_with_an_admin_listener() {
     );
     assert!(line_admin.starts_with("credproxy admin on"), "{line_admin}");
     let (addr_a, addr_b, admin) = (
-        address_in(&line_a),
-        address_in(&line_b),
-        address_in(&line_admin),
+        common::address_in(&line_a),
+        common::address_in(&line_b),
+        common::address_in(&line_admin),
     );
 
     for (addr, mock, n) in [(addr_a, &home, 1), (addr_b, &work, 2)] {

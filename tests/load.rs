@@ -149,12 +149,7 @@ async fn ten_thousand_requests_over_256_connections_without_errors() {
         .unwrap()
         .unwrap()
         .unwrap();
-    let addr: std::net::SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap();
+    let addr = common::address_in(&line);
     let pid = serve.id().unwrap();
 
     let (warm, _) = common::get(addr, "/api/server/ping").await;
