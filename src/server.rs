@@ -1,8 +1,12 @@
 //! The accept loop: takes a bound listener and a shutdown future, serves until it resolves.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -10,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 
 use crate::credentials::Secret;
 use crate::guard::Guards;
@@ -105,15 +109,15 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let common = Common::new(&listener, options);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = Stop::default();
     let stopper = async {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        stop.fire();
         common.log_drain();
     };
     tokio::join!(
         stopper,
-        accept_loop(listener, proxy, common.clone(), stop_rx, false)
+        accept_loop(listener, proxy, common.clone(), stop.clone(), false)
     );
 }
 
@@ -132,7 +136,7 @@ pub fn start_threads(
 ) -> std::io::Result<Threads> {
     let common = Common::new(&listener, options);
     let listener = listener.into_std()?;
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = Stop::default();
     let mut finished = Vec::new();
     let threads = threads.max(1);
     for index in 0..threads {
@@ -142,7 +146,7 @@ pub fn start_threads(
             // Log lines collected while busy are written when the thread goes idle.
             .on_thread_park(crate::logging::flush_thread)
             .build()?;
-        let (proxy, common, stop) = (proxy.shard(threads), common.clone(), stop_rx.clone());
+        let (proxy, common, stop) = (proxy.shard(threads), common.clone(), stop.clone());
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("credproxy-{index}"))
@@ -167,9 +171,9 @@ pub fn start_threads(
     })
 }
 
-/// Accept loops started by [`start_threads`].
+/// Accept loops started by [`start_threads`]; dropping it stops them too.
 pub struct Threads {
-    stop: watch::Sender<bool>,
+    stop: Stop,
     finished: Vec<tokio::sync::oneshot::Receiver<()>>,
     common: Arc<Common>,
 }
@@ -177,13 +181,19 @@ pub struct Threads {
 impl Threads {
     /// Serves until `shutdown` resolves, then drains (at most `drain_timeout`) and returns
     /// when every thread has finished.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) {
         shutdown.await;
-        let _ = self.stop.send(true);
+        self.stop.fire();
         self.common.log_drain();
-        for done in self.finished {
+        for done in std::mem::take(&mut self.finished) {
             let _ = done.await;
         }
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        self.stop.fire();
     }
 }
 
@@ -194,20 +204,21 @@ struct Client {
     lane: Lane,
 }
 
-/// Accepts and serves connections until `stop` turns true (or its sender goes), then waits
-/// at most `drain_timeout` for this loop's connections to finish.
+/// Accepts and serves connections until `stop` fires, then waits at most `drain_timeout`
+/// for this loop's connections to finish.
 async fn accept_loop(
     listener: TcpListener,
     proxy: Proxy,
     common: Arc<Common>,
-    mut stop: watch::Receiver<bool>,
+    stop: Stop,
     shared_listener: bool,
 ) {
+    let mut stopped = std::pin::pin!(stop.wait());
     // Every connection task holds a clone; when all are gone the receiver sees it.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let (stream, _peer) = tokio::select! {
-            _ = async { stop.wait_for(|stop| *stop).await.map(|_| ()) } => break,
+            () = stopped.as_mut() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(err) => {
@@ -229,7 +240,7 @@ async fn accept_loop(
             proxy: proxy.clone(),
             common: common.clone(),
         });
-        let mut stop = stop.clone();
+        let stopped = stop.wait();
         let done = done_tx.clone();
         tokio::spawn(async move {
             let service = {
@@ -253,8 +264,9 @@ async fn accept_loop(
             let served = async {
                 tokio::pin!(conn);
                 tokio::select! {
+                    biased;
                     result = conn.as_mut() => result,
-                    _ = async { stop.wait_for(|stop| *stop).await.map(|_| ()) } => {
+                    () = stopped => {
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
@@ -298,4 +310,156 @@ async fn refuse_busy(mut stream: TcpStream) {
         )
         .await;
     let _ = stream.shutdown().await;
+}
+
+/// The signal that stops accept loops and tells connections to finish their request and close.
+///
+/// Every connection waits on it, and the per-connection wait is polled each time the
+/// connection's task wakes (a few times per request): a wait that has registered its task
+/// costs one atomic load per poll; registering and leaving take a lock, once per connection.
+#[derive(Clone, Default)]
+struct Stop(Arc<StopInner>);
+
+#[derive(Default)]
+struct StopInner {
+    fired: AtomicBool,
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    wakers: HashMap<u64, Waker>,
+}
+
+impl Stop {
+    /// Fires the signal: every wait, present and future, resolves.
+    fn fire(&self) {
+        self.0.fired.store(true, Ordering::SeqCst);
+        let wakers = std::mem::take(&mut lock(&self.0.waiting).wakers);
+        for waker in wakers.into_values() {
+            waker.wake();
+        }
+    }
+
+    /// A future that resolves once the signal has fired.
+    fn wait(&self) -> Stopped {
+        Stopped {
+            stop: self.0.clone(),
+            registered: None,
+        }
+    }
+}
+
+/// A wait for [`Stop`]; see [`Stop::wait`].
+struct Stopped {
+    stop: Arc<StopInner>,
+    /// The key and waker this wait registered, if any.
+    registered: Option<(u64, Waker)>,
+}
+
+impl Future for Stopped {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.stop.fired.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        if !matches!(&this.registered, Some((_, waker)) if waker.will_wake(cx.waker())) {
+            let mut waiting = lock(&this.stop.waiting);
+            let key = match &this.registered {
+                Some((key, _)) => *key,
+                None => {
+                    waiting.next += 1;
+                    waiting.next
+                }
+            };
+            waiting.wakers.insert(key, cx.waker().clone());
+            this.registered = Some((key, cx.waker().clone()));
+            drop(waiting);
+            // `fire` sets the flag before it takes the wakers: a fire that took them before
+            // this one was added has set the flag by now.
+            if this.stop.fired.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some((key, _)) = self.registered.take() {
+            lock(&self.stop.waiting).wakers.remove(&key);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The critical sections only insert and remove wakers: a panic cannot leave them torn.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    /// A waker that counts its wakes.
+    #[derive(Default)]
+    struct Counter(AtomicUsize);
+
+    impl Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn poll(wait: &mut Stopped, waker: &Waker) -> Poll<()> {
+        Pin::new(wait).poll(&mut Context::from_waker(waker))
+    }
+
+    fn registered(stop: &Stop) -> usize {
+        lock(&stop.0.waiting).wakers.len()
+    }
+
+    #[test]
+    fn stop_wakes_every_waiting_task_once_and_resolves_later_waits() {
+        let stop = Stop::default();
+        let (first, second) = (Arc::new(Counter::default()), Arc::new(Counter::default()));
+        let (first_waker, second_waker) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        let mut a = stop.wait();
+        let mut b = stop.wait();
+        assert!(poll(&mut a, &first_waker).is_pending());
+        // Polled again by the same task: nothing new is registered.
+        assert!(poll(&mut a, &first_waker).is_pending());
+        assert!(poll(&mut b, &first_waker).is_pending());
+        // Polled by another task: that one is woken instead.
+        assert!(poll(&mut b, &second_waker).is_pending());
+        assert_eq!(registered(&stop), 2);
+
+        stop.fire();
+        assert_eq!(first.0.load(Ordering::SeqCst), 1);
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert!(poll(&mut a, &first_waker).is_ready());
+        assert!(poll(&mut b, &second_waker).is_ready());
+        assert!(poll(&mut stop.wait(), &first_waker).is_ready());
+        assert_eq!(registered(&stop), 0);
+    }
+
+    #[test]
+    fn a_dropped_wait_leaves_nothing_behind() {
+        let stop = Stop::default();
+        let counter = Arc::new(Counter::default());
+        let waker = Waker::from(counter.clone());
+        for _ in 0..3 {
+            let mut wait = stop.wait();
+            assert!(poll(&mut wait, &waker).is_pending());
+        }
+        assert_eq!(registered(&stop), 0);
+        stop.fire();
+        assert_eq!(counter.0.load(Ordering::SeqCst), 0);
+    }
 }
