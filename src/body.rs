@@ -133,14 +133,12 @@ impl Drop for Exchange {
         self.stats.bytes_down.fetch_add(down, Ordering::Relaxed);
         let elapsed = self.start.elapsed();
         self.stats.latency.record(elapsed);
-        // One preformatted message rather than six fields: the line is the same, the
-        // formatter does a sixth of the work.
-        tracing::info!(
-            target: crate::logging::ACCESS_TARGET,
-            "method={} path={} status={} up={up} down={down} ms={}",
-            self.method,
+        crate::logging::access(
+            &self.method,
             self.uri.path(),
-            self.status.get_mut(),
+            *self.status.get_mut(),
+            up,
+            down,
             elapsed.as_millis(),
         );
     }
