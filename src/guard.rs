@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use base64::Engine as _;
 use http::StatusCode;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::credentials::Secret;
 
@@ -155,7 +155,7 @@ impl Guards {
             ));
         }
         if headers
-            .get("sec-fetch-site")
+            .get(&SEC_FETCH_SITE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
         {
             return Err(Refusal::CrossSite);
@@ -172,6 +172,9 @@ impl Guards {
         Ok(())
     }
 }
+
+/// The browser's statement of where a request comes from (Fetch Metadata).
+static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// True for `host:port` and `[v6]:port`, false for a bare name or IPv6 address.
 fn has_port(name: &str) -> bool {

@@ -27,7 +27,7 @@ use crate::upstream::{self, ClientOptions, FailureKind, TlsTrust};
 pub const IMMICH_USER_TOKEN: HeaderName = HeaderName::from_static("x-immich-user-token");
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1, plus de-facto ones).
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -71,32 +71,83 @@ pub fn basic_auth(username: &str, password: &Secret) -> HeaderValue {
     crate::auth::basic_value(username, password)
 }
 
+/// Where `name` is in [`HOP_BY_HOP`], if it is a hop-by-hop header.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "proxy-authenticate" => 3,
+        "proxy-authorization" => 4,
+        "te" => 5,
+        "trailer" => 6,
+        "transfer-encoding" => 7,
+        "upgrade" => 8,
+        _ => return None,
+    })
+}
+
+/// The names a `Connection` value lists, as written (`keep-alive`, `Upgrade`, `X-Foo`).
+fn connection_tokens(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .filter_map(|token| std::str::from_utf8(token.trim_ascii()).ok())
+        .filter(|token| !token.is_empty())
+}
+
+/// True for a `Connection` token that names a header outside the fixed hop-by-hop set.
+fn names_other_header(token: &str) -> bool {
+    !HOP_BY_HOP
+        .iter()
+        .any(|hop| hop.as_str().eq_ignore_ascii_case(token))
+}
+
 /// Removes hop-by-hop headers: the fixed set and every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    // One pass over the names finds which are here; most messages carry none of them or
+    // only `Connection: keep-alive`, and nothing else is looked up.
+    let mut present = [false; 9];
+    for name in headers.keys() {
+        if let Some(at) = hop_by_hop_index(name.as_str()) {
+            present[at] = true;
+        }
+    }
+    if present[0]
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(connection_tokens)
+            .any(names_other_header)
+    {
+        let listed: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for token in listed.iter().flat_map(connection_tokens) {
+            // Matched case-insensitively by the map; a token that is no header name
+            // matches nothing.
+            headers.remove(token);
+        }
+    }
+    for (hop, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(hop);
+        }
     }
 }
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade: X`), if any.
 pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let protocol = headers.get(header::UPGRADE)?;
     let connection_says_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if connection_says_upgrade {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
+    connection_says_upgrade.then(|| protocol.clone())
 }
 
 /// Why a request cannot be forwarded at all.
@@ -748,6 +799,33 @@ mod tests {
         headers.insert("x-secret-hop", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut headers);
         assert!(headers.is_empty(), "{headers:?}");
+    }
+
+    #[test]
+    fn connection_names_match_any_case_across_several_values() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        headers.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" X-Hop-One ,x-HOP-two"),
+        );
+        headers.insert("x-hop-one", HeaderValue::from_static("1"));
+        headers.insert("x-hop-two", HeaderValue::from_static("2"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-kept", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers["x-kept"], "3");
+    }
+
+    #[test]
+    fn the_fixed_hop_by_hop_set_is_found_by_name() {
+        for (at, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name.as_str()), Some(at), "{name}");
+        }
+        for name in ["host", "content-length", "x-connection", "connections", ""] {
+            assert_eq!(hop_by_hop_index(name), None, "{name}");
+        }
     }
 
     #[test]
