@@ -79,10 +79,11 @@ fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
                 .expect("static response parts are valid")
         }
         "/metrics" => {
-            let entries: Vec<(&str, &Stats)> = proxies
+            let totals: Vec<(&str, Stats)> = proxies
                 .iter()
                 .map(|p| (p.settings().profile.as_str(), p.stats()))
                 .collect();
+            let entries: Vec<(&str, &Stats)> = totals.iter().map(|(p, s)| (*p, s)).collect();
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(render_metrics(&entries))))

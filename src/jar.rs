@@ -2,6 +2,7 @@
 //! back upstream, never handed to clients, dropped when they expire.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderMap, HeaderValue};
@@ -21,9 +22,12 @@ struct Stored {
 ///
 /// With a live session cookie the outpost skips its credential exchange with Authentik, so
 /// a stream of requests costs Authentik one check per session instead of one per minute.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SessionJar {
     state: Mutex<JarState>,
+    /// Mirrors `state.cookies.is_empty()`: requests read it without taking the lock, which
+    /// every server thread would otherwise take for every request.
+    empty: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -33,10 +37,19 @@ struct JarState {
     header: Option<HeaderValue>,
 }
 
+impl Default for SessionJar {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl SessionJar {
     /// Creates an empty jar.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            state: Mutex::default(),
+            empty: AtomicBool::new(true),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, JarState> {
@@ -46,6 +59,9 @@ impl SessionJar {
 
     /// The `name=value; …` fragment to send upstream, without expired cookies.
     pub fn cookie_header(&self) -> Option<HeaderValue> {
+        if self.empty.load(Ordering::Acquire) {
+            return None;
+        }
         let mut state = self.lock();
         if state.cookies.is_empty() {
             return None;
@@ -58,6 +74,8 @@ impl SessionJar {
         {
             state.cookies.retain(|c| c.expires.is_none_or(|e| e > now));
             state.rebuild();
+            self.empty
+                .store(state.cookies.is_empty(), Ordering::Release);
         }
         state.header.clone()
     }
@@ -90,6 +108,8 @@ impl SessionJar {
             }
         }
         state.rebuild();
+        self.empty
+            .store(state.cookies.is_empty(), Ordering::Release);
     }
 
     /// Forgets every cookie (the credentials changed).
@@ -97,6 +117,8 @@ impl SessionJar {
         let mut state = self.lock();
         state.cookies.clear();
         state.rebuild();
+        self.empty
+            .store(state.cookies.is_empty(), Ordering::Release);
     }
 }
 

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
 use crate::auth::{self, Injection};
-use crate::body::{Direction, Exchange, Full, ResponseBody, Stats, Tracked};
+use crate::body::{Direction, Exchange, Full, ResponseBody, Stats, StatsShards, Tracked};
 use crate::config::ServerUrl;
 use crate::credentials::Secret;
 use crate::error::Result;
@@ -62,6 +62,20 @@ impl Target {
             authority,
             host,
             origins,
+        }
+    }
+
+    /// A copy with buffers of its own: a server thread that clones the `Host` value and
+    /// authority for every request then never touches another thread's reference counts.
+    fn local_copy(&self) -> Self {
+        Self {
+            authority: self
+                .authority
+                .as_str()
+                .parse()
+                .expect("a parsed authority parses again"),
+            host: auth::copy_value(&self.host),
+            origins: self.origins.clone(),
         }
     }
 }
@@ -343,6 +357,16 @@ pub struct Proxy {
 struct Inner {
     shared: Arc<Shared>,
     pool: Pool,
+    /// This shard's own copies of what every request reads or counts into.
+    local: Local,
+}
+
+/// What a shard's requests use without touching memory other threads write: copies of the
+/// target and credentials (their header values are reference counted) and its statistics.
+struct Local {
+    target: Target,
+    credentials: Injection,
+    stats: Arc<Stats>,
 }
 
 /// What every shard of one profile's proxy has in common.
@@ -353,7 +377,7 @@ struct Shared {
     credentials: Injection,
     backoff: Backoff,
     jar: SessionJar,
-    stats: Arc<Stats>,
+    stats: StatsShards,
 }
 
 impl Proxy {
@@ -376,7 +400,7 @@ impl Proxy {
             settings,
             backoff: Backoff::default(),
             jar: SessionJar::new(),
-            stats: Arc::new(Stats::default()),
+            stats: StatsShards::default(),
         });
         Ok(Self::over(shared, 1))
     }
@@ -389,8 +413,17 @@ impl Proxy {
             options.pool_idle_timeout,
             options.pool_max_idle.div_ceil(shards.max(1)),
         );
+        let local = Local {
+            target: shared.target.local_copy(),
+            credentials: shared.credentials.local_copy(),
+            stats: shared.stats.shard(),
+        };
         Self {
-            inner: Arc::new(Inner { shared, pool }),
+            inner: Arc::new(Inner {
+                shared,
+                pool,
+                local,
+            }),
         }
     }
 
@@ -413,9 +446,9 @@ impl Proxy {
         self.inner.pool.idle_count()
     }
 
-    /// Totals across every exchange so far.
-    pub fn stats(&self) -> &Stats {
-        &self.inner.shared.stats
+    /// Totals across every exchange so far (every shard's).
+    pub fn stats(&self) -> Stats {
+        self.inner.shared.stats.total()
     }
 
     /// Whether the gate's last answer rejected the credentials and a back-off is running.
@@ -433,7 +466,7 @@ impl Proxy {
         let exchange = Exchange::new(
             req.method().clone(),
             req.uri(),
-            self.inner.shared.stats.clone(),
+            self.inner.local.stats.clone(),
         );
         let message = refusal.message();
         tracing::warn!("refused {} {}: {message}", req.method(), req.uri().path());
@@ -460,7 +493,7 @@ impl Proxy {
         let exchange = Arc::new(Exchange::new(
             req.method().clone(),
             req.uri(),
-            inner.stats.clone(),
+            self.inner.local.stats.clone(),
         ));
         if let Some(remaining) = inner.backoff.active() {
             return inner.rejection_response(&exchange, inner.backoff.verdict(), remaining);
@@ -470,7 +503,8 @@ impl Proxy {
         let client_host = req.headers().get(header::HOST).cloned();
         let (mut parts, body) = req.into_parts();
         let session = inner.jar.cookie_header();
-        if let Err(err) = rewrite_request(&mut parts, &inner.target, &inner.credentials, session) {
+        let local = &self.inner.local;
+        if let Err(err) = rewrite_request(&mut parts, &local.target, &local.credentials, session) {
             return inner.error_response(
                 &exchange,
                 StatusCode::BAD_REQUEST,
@@ -547,6 +581,7 @@ impl Shared {
         retry_after: Duration,
     ) -> Response<ResponseBody> {
         self.stats
+            .base()
             .auth_rejections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let secs = retry_after.as_secs().max(1);
@@ -571,6 +606,7 @@ impl Shared {
 
     fn upstream_failure(&self, exchange: &Exchange, err: &SendError) -> Response<ResponseBody> {
         self.stats
+            .base()
             .upstream_errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (kind, detail) = upstream::describe_failure(err.as_error());
@@ -706,9 +742,11 @@ impl Backoff {
 
     /// Forgets any rejection: the gate accepted the credentials.
     fn clear(&self) {
-        if self
-            .active
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        // Read first: a write on every passed request would move this line between cores.
+        if self.active.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .active
+                .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
             *self.lock() = None;
             tracing::info!("the gate accepts the credentials again");
@@ -722,6 +760,23 @@ mod tests {
 
     fn target() -> Target {
         Target::new(&ServerUrl::parse("https://immich.example.com").unwrap())
+    }
+
+    #[test]
+    fn a_local_target_copy_is_equal_with_its_own_buffers() {
+        let target = target();
+        let copy = target.local_copy();
+        assert_eq!(copy.authority, target.authority);
+        assert_eq!(copy.host, target.host);
+        assert_eq!(copy.origins, target.origins);
+        assert_ne!(
+            copy.host.as_bytes().as_ptr(),
+            target.host.as_bytes().as_ptr()
+        );
+        assert_ne!(
+            copy.authority.as_str().as_ptr(),
+            target.authority.as_str().as_ptr()
+        );
     }
 
     fn auth() -> HeaderValue {
