@@ -1,8 +1,9 @@
 //! The per-profile jar of Authentik session cookies: kept from the gate's `Set-Cookie`, sent
 //! back upstream, never handed to clients, dropped when they expire.
 
+use std::cell::RefCell;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderMap, HeaderValue};
@@ -22,12 +23,18 @@ struct Stored {
 ///
 /// With a live session cookie the outpost skips its credential exchange with Authentik, so
 /// a stream of requests costs Authentik one check per session instead of one per minute.
+///
+/// Every request reads the jar. Each thread keeps its own copy of the current `Cookie`
+/// fragment, valid while the jar's version is unchanged and no cookie has expired: reading
+/// it takes no lock and writes nothing other threads read (a lock per request, on every
+/// server thread, would move its cache line between the cores each time).
 #[derive(Debug)]
 pub struct SessionJar {
     state: Mutex<JarState>,
-    /// Mirrors `state.cookies.is_empty()`: requests read it without taking the lock, which
-    /// every server thread would otherwise take for every request.
-    empty: AtomicBool,
+    /// Changes, under the lock, whenever the cookies do.
+    version: AtomicU64,
+    /// Tells this jar's copies from other jars' on a thread.
+    id: u64,
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +42,22 @@ struct JarState {
     cookies: Vec<Stored>,
     /// The `Cookie` fragment for the current cookies, built once per change.
     header: Option<HeaderValue>,
+}
+
+/// A thread's copy of one jar's `Cookie` fragment.
+struct ThreadCopy {
+    jar: u64,
+    version: u64,
+    /// The soonest expiry among the cookies it was made from.
+    expires: Option<Instant>,
+    header: Option<HeaderValue>,
+}
+
+/// How many jars' copies a thread keeps (one per profile it serves, usually one).
+const COPIES_PER_THREAD: usize = 8;
+
+thread_local! {
+    static COPIES: RefCell<Vec<ThreadCopy>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Default for SessionJar {
@@ -46,9 +69,11 @@ impl Default for SessionJar {
 impl SessionJar {
     /// Creates an empty jar.
     pub fn new() -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
             state: Mutex::default(),
-            empty: AtomicBool::new(true),
+            version: AtomicU64::new(0),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
 
@@ -57,15 +82,32 @@ impl SessionJar {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Rebuilds the fragment after the cookies changed and tells every thread's copy.
+    fn changed(&self, state: &mut JarState) {
+        state.rebuild();
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
     /// The `name=value; …` fragment to send upstream, without expired cookies.
     pub fn cookie_header(&self) -> Option<HeaderValue> {
-        if self.empty.load(Ordering::Acquire) {
-            return None;
+        let version = self.version.load(Ordering::Acquire);
+        let copied = COPIES
+            .try_with(|copies| {
+                let copies = copies.try_borrow().ok()?;
+                let copy = copies
+                    .iter()
+                    .find(|c| c.jar == self.id && c.version == version)?;
+                if copy.expires.is_some_and(|e| e <= Instant::now()) {
+                    return None;
+                }
+                Some(copy.header.clone())
+            })
+            .ok()
+            .flatten();
+        if let Some(header) = copied {
+            return header;
         }
         let mut state = self.lock();
-        if state.cookies.is_empty() {
-            return None;
-        }
         let now = Instant::now();
         if state
             .cookies
@@ -73,11 +115,29 @@ impl SessionJar {
             .any(|c| c.expires.is_some_and(|e| e <= now))
         {
             state.cookies.retain(|c| c.expires.is_none_or(|e| e > now));
-            state.rebuild();
-            self.empty
-                .store(state.cookies.is_empty(), Ordering::Release);
+            self.changed(&mut state);
         }
-        state.header.clone()
+        let copy = ThreadCopy {
+            jar: self.id,
+            // Stable while the lock is held.
+            version: self.version.load(Ordering::Relaxed),
+            expires: state.cookies.iter().filter_map(|c| c.expires).min(),
+            // A buffer of this thread's own: cloning it per request counts references
+            // no other thread touches.
+            header: state.header.as_ref().map(crate::auth::copy_value),
+        };
+        drop(state);
+        let header = copy.header.clone();
+        let _ = COPIES.try_with(|copies| {
+            if let Ok(mut copies) = copies.try_borrow_mut() {
+                copies.retain(|c| c.jar != self.id);
+                if copies.len() >= COPIES_PER_THREAD {
+                    copies.remove(0);
+                }
+                copies.push(copy);
+            }
+        });
+        header
     }
 
     /// Takes the gate's session cookies out of a response's headers into the jar.
@@ -107,18 +167,14 @@ impl SessionJar {
                 state.cookies.push(cookie);
             }
         }
-        state.rebuild();
-        self.empty
-            .store(state.cookies.is_empty(), Ordering::Release);
+        self.changed(&mut state);
     }
 
     /// Forgets every cookie (the credentials changed).
     pub fn clear(&self) {
         let mut state = self.lock();
         state.cookies.clear();
-        state.rebuild();
-        self.empty
-            .store(state.cookies.is_empty(), Ordering::Release);
+        self.changed(&mut state);
     }
 }
 
@@ -272,6 +328,30 @@ mod tests {
         assert_eq!(jar.cookie_header().unwrap(), "authentik_proxy_cc=new");
         jar.clear();
         assert!(jar.cookie_header().is_none());
+    }
+
+    #[test]
+    fn threads_see_each_others_changes_and_jars_keep_apart() {
+        let (jar, other) = (std::sync::Arc::new(SessionJar::new()), SessionJar::new());
+        jar.absorb(&mut set_cookies(&["authentik_proxy_aa=one; Path=/"]));
+        other.absorb(&mut set_cookies(&["authentik_proxy_bb=two; Path=/"]));
+        // Read twice on this thread: the second read comes from this thread's copy.
+        for _ in 0..2 {
+            assert_eq!(jar.cookie_header().unwrap(), "authentik_proxy_aa=one");
+            assert_eq!(other.cookie_header().unwrap(), "authentik_proxy_bb=two");
+        }
+        let writer = jar.clone();
+        std::thread::spawn(move || {
+            assert_eq!(writer.cookie_header().unwrap(), "authentik_proxy_aa=one");
+            writer.absorb(&mut set_cookies(&["authentik_proxy_aa=three; Path=/"]));
+        })
+        .join()
+        .unwrap();
+        assert_eq!(jar.cookie_header().unwrap(), "authentik_proxy_aa=three");
+        let writer = jar.clone();
+        std::thread::spawn(move || writer.clear()).join().unwrap();
+        assert!(jar.cookie_header().is_none());
+        assert_eq!(other.cookie_header().unwrap(), "authentik_proxy_bb=two");
     }
 
     #[test]
