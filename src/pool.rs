@@ -347,17 +347,16 @@ impl Lane {
 
 /// The request with its target in origin-form (`/path?query`), as HTTP/1.1 sends it to an
 /// origin server.
-fn origin_form<B>(req: Request<B>) -> Request<B> {
-    let (mut parts, body) = req.into_parts();
-    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-        let path_and_query = parts
-            .uri
+fn origin_form<B>(mut req: Request<B>) -> Request<B> {
+    let uri = req.uri_mut();
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        let path_and_query = uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = Uri::from(path_and_query);
+        *uri = Uri::from(path_and_query);
     }
-    Request::from_parts(parts, body)
+    req
 }
 
 /// The origin URI (`https://authority/`) connections are made to.
