@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::credentials::Secret;
 use crate::guard::Guards;
@@ -110,20 +110,35 @@ pub async fn run(
 ) {
     let common = Common::new(&listener, options);
     let stop = Stop::default();
+    let (done_tx, done_rx) = mpsc::channel::<()>(1);
     let stopper = async {
         shutdown.await;
         stop.fire();
         common.log_drain();
     };
-    tokio::join!(
-        stopper,
-        accept_loop(listener, proxy, common.clone(), stop.clone(), false)
-    );
+    let serve = async {
+        accept(&listener, &common, &stop, |stream, permit| {
+            tokio::spawn(serve_connection(
+                stream,
+                permit,
+                &proxy,
+                &common,
+                &stop,
+                done_tx.clone(),
+            ));
+        })
+        .await;
+        drop(listener);
+        drop(done_tx);
+        drain(&common, done_rx).await;
+    };
+    tokio::join!(stopper, serve);
 }
 
-/// Starts `threads` accept loops for `listener`, each on its own thread with a
-/// single-threaded runtime and its own upstream connection pool ([`Proxy::shard`]); they
-/// serve until [`Threads::run_until`]'s shutdown future resolves (or the handle is dropped).
+/// Starts `threads` server threads for `listener`, each with a single-threaded runtime and
+/// its own upstream connection pool ([`Proxy::shard`]); [`Threads::run_until`] accepts
+/// connections and hands each to the thread serving the fewest, until its shutdown future
+/// resolves (or the handle is dropped).
 ///
 /// A request is then read, forwarded, answered and logged on one thread: no hand-off between
 /// threads and no work stealing on the per-request path, the way nginx's workers run. The
@@ -135,56 +150,105 @@ pub fn start_threads(
     threads: usize,
 ) -> std::io::Result<Threads> {
     let common = Common::new(&listener, options);
-    let listener = listener.into_std()?;
     let stop = Stop::default();
+    let mut workers = Vec::new();
     let mut finished = Vec::new();
     let threads = threads.max(1);
     for index in 0..threads {
-        let listener = listener.try_clone()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             // Log lines collected while busy are written when the thread goes idle.
             .on_thread_park(crate::logging::flush_thread)
             .build()?;
-        let (proxy, common, stop) = (proxy.shard(threads), common.clone(), stop.clone());
+        let (queue, connections) = mpsc::unbounded_channel();
+        let load = Arc::new(AtomicUsize::new(0));
+        let worker = ServerThread {
+            proxy: proxy.shard(threads),
+            common: common.clone(),
+            stop: stop.clone(),
+            load: load.clone(),
+        };
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("credproxy-{index}"))
             .spawn(move || {
                 crate::logging::batch_thread();
-                runtime.block_on(async move {
-                    match TcpListener::from_std(listener) {
-                        Ok(listener) => accept_loop(listener, proxy, common, stop, true).await,
-                        Err(err) => tracing::error!("server thread {index} cannot listen: {err}"),
-                    }
-                });
+                runtime.block_on(worker.serve(connections));
                 // Connections still open after the drain are closed with the runtime.
                 drop(runtime);
                 drop(done_tx);
             })?;
+        workers.push(Queue { queue, load });
         finished.push(done_rx);
     }
     Ok(Threads {
+        listener,
+        workers,
         stop,
         finished,
         common,
     })
 }
 
-/// Accept loops started by [`start_threads`]; dropping it stops them too.
+/// Server threads started by [`start_threads`]; dropping it stops them too.
 pub struct Threads {
+    listener: TcpListener,
+    workers: Vec<Queue>,
     stop: Stop,
     finished: Vec<tokio::sync::oneshot::Receiver<()>>,
     common: Arc<Common>,
 }
 
+/// The way to one server thread: its queue of new connections and how many it serves.
+struct Queue {
+    queue: mpsc::UnboundedSender<Accepted>,
+    load: Arc<AtomicUsize>,
+}
+
+/// A connection handed to a server thread, with its place under the connection limit.
+struct Accepted {
+    stream: std::net::TcpStream,
+    permit: OwnedSemaphorePermit,
+}
+
 impl Threads {
-    /// Serves until `shutdown` resolves, then drains (at most `drain_timeout`) and returns
-    /// when every thread has finished.
+    /// Accepts connections until `shutdown` resolves, handing each to the server thread
+    /// serving the fewest; then drains (at most `drain_timeout`) and returns when every
+    /// thread has finished.
+    ///
+    /// The threads do not take connections from the listener themselves: whichever woke
+    /// first would take a burst of them (64 clients connecting at once went 40/24 between
+    /// two threads), and the busier thread then holds the others back.
     pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) {
-        shutdown.await;
-        self.stop.fire();
-        self.common.log_drain();
+        let stopper = async {
+            shutdown.await;
+            self.stop.fire();
+            self.common.log_drain();
+        };
+        let hand_out = accept(
+            &self.listener,
+            &self.common,
+            &self.stop,
+            |stream, permit| {
+                let Some(thread) = self
+                    .workers
+                    .iter()
+                    .min_by_key(|w| w.load.load(Ordering::Relaxed))
+                else {
+                    return;
+                };
+                match stream.into_std() {
+                    Ok(stream) => {
+                        thread.load.fetch_add(1, Ordering::Relaxed);
+                        // A thread that has ended drops the connection (and its permit).
+                        let _ = thread.queue.send(Accepted { stream, permit });
+                    }
+                    Err(err) => tracing::warn!("cannot hand over a connection: {err}"),
+                }
+            },
+        );
+        tokio::join!(stopper, hand_out);
+        self.workers.clear();
         for done in std::mem::take(&mut self.finished) {
             let _ = done.await;
         }
@@ -197,6 +261,68 @@ impl Drop for Threads {
     }
 }
 
+/// One server thread's share: its proxy shard and the connections it serves.
+struct ServerThread {
+    proxy: Proxy,
+    common: Arc<Common>,
+    stop: Stop,
+    /// Connections this thread serves now (read by the acceptor).
+    load: Arc<AtomicUsize>,
+}
+
+impl ServerThread {
+    /// Serves the connections handed over until `stop` fires or the acceptor goes, then
+    /// waits at most `drain_timeout` for them to finish.
+    async fn serve(self, mut connections: mpsc::UnboundedReceiver<Accepted>) {
+        let (done_tx, done_rx) = mpsc::channel::<()>(1);
+        let mut stopped = std::pin::pin!(self.stop.wait());
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = stopped.as_mut() => break,
+                next = connections.recv() => match next {
+                    Some(accepted) => accepted,
+                    None => break,
+                },
+            };
+            let Accepted { stream, permit } = accepted;
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::warn!("cannot serve a connection: {err}");
+                    self.load.fetch_sub(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            let load = Unload(self.load.clone());
+            let connection = serve_connection(
+                stream,
+                permit,
+                &self.proxy,
+                &self.common,
+                &self.stop,
+                done_tx.clone(),
+            );
+            tokio::spawn(async move {
+                connection.await;
+                drop(load);
+            });
+        }
+        drop(connections);
+        drop(done_tx);
+        drain(&self.common, done_rx).await;
+    }
+}
+
+/// Takes one connection off a thread's load when dropped.
+struct Unload(Arc<AtomicUsize>);
+
+impl Drop for Unload {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What the requests of one client connection share: one reference-counted clone each.
 struct Client {
     proxy: Proxy,
@@ -204,23 +330,20 @@ struct Client {
     lane: Lane,
 }
 
-/// Accepts and serves connections until `stop` fires, then waits at most `drain_timeout`
-/// for this loop's connections to finish.
-async fn accept_loop(
-    listener: TcpListener,
-    proxy: Proxy,
-    common: Arc<Common>,
-    stop: Stop,
-    shared_listener: bool,
+/// Accepts connections until `stop` fires; each one under the connection limit goes to
+/// `serve`, the others get a 503.
+async fn accept(
+    listener: &TcpListener,
+    common: &Common,
+    stop: &Stop,
+    mut serve: impl FnMut(TcpStream, OwnedSemaphorePermit),
 ) {
     let mut stopped = std::pin::pin!(stop.wait());
-    // Every connection task holds a clone; when all are gone the receiver sees it.
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let stream = tokio::select! {
             () = stopped.as_mut() => break,
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok((stream, _peer)) => stream,
                 Err(err) => {
                     // Out of file descriptors and the like: pause instead of spinning.
                     tracing::warn!("accept failed: {err}");
@@ -229,75 +352,85 @@ async fn accept_loop(
                 }
             },
         };
-        let Ok(permit) = common.slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream));
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let client = Arc::new(Client {
-            // This connection's upstream connection, driven on this task beside it.
-            lane: proxy.lane(),
-            proxy: proxy.clone(),
-            common: common.clone(),
-        });
-        let stopped = stop.wait();
-        let done = done_tx.clone();
-        tokio::spawn(async move {
-            let service = {
-                let client = client.clone();
-                service_fn(move |req| {
-                    let client = client.clone();
-                    async move {
-                        let response = match client.common.guards.check(req.headers()) {
-                            Ok(()) => client.proxy.handle(req, &client.lane).await,
-                            Err(refusal) => client.proxy.refuse(&req, &refusal),
-                        };
-                        Ok::<_, Infallible>(response)
-                    }
-                })
-            };
-            let conn = client
-                .common
-                .builder
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            let served = async {
-                tokio::pin!(conn);
-                tokio::select! {
-                    biased;
-                    result = conn.as_mut() => result,
-                    () = stopped => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                }
-            };
-            if let Err(err) = client.lane.drive(served).await {
-                tracing::debug!("client connection ended: {err}");
+        match common.slots.clone().try_acquire_owned() {
+            Ok(permit) => serve(stream, permit),
+            Err(_) => {
+                tokio::spawn(refuse_busy(stream));
             }
-            client.lane.release();
-            drop(permit);
-            if client.common.in_flight() == 0 {
-                // The last client left: hand the memory a burst of connections used back to
-                // the system, so an idle proxy returns to its idle footprint.
-                crate::memory::release_free_memory();
-            }
-            drop(done);
-        });
-        if shared_listener {
-            // Every thread is woken for a new connection; one that takes a whole burst of
-            // them at once leaves the others idle. Stepping back after each one lets the
-            // other threads take their share.
-            tokio::task::yield_now().await;
         }
     }
-    drop(listener);
-    drop(done_tx);
-    if tokio::time::timeout(common.options.drain_timeout, done_rx.recv())
+}
+
+/// Waits until every connection task has dropped its `done` sender, for at most
+/// `drain_timeout`.
+async fn drain(common: &Common, mut done: mpsc::Receiver<()>) {
+    if tokio::time::timeout(common.options.drain_timeout, done.recv())
         .await
         .is_err()
     {
         tracing::warn!("drain timeout reached; closing the remaining connections");
+    }
+}
+
+/// Serves one client connection until it closes, or until `stop` fires and its request in
+/// flight has been answered.
+fn serve_connection(
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    proxy: &Proxy,
+    common: &Arc<Common>,
+    stop: &Stop,
+    done: mpsc::Sender<()>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let _ = stream.set_nodelay(true);
+    let client = Arc::new(Client {
+        // This connection's upstream connection, driven on this task beside it.
+        lane: proxy.lane(),
+        proxy: proxy.clone(),
+        common: common.clone(),
+    });
+    let stopped = stop.wait();
+    async move {
+        let service = {
+            let client = client.clone();
+            service_fn(move |req| {
+                let client = client.clone();
+                async move {
+                    let response = match client.common.guards.check(req.headers()) {
+                        Ok(()) => client.proxy.handle(req, &client.lane).await,
+                        Err(refusal) => client.proxy.refuse(&req, &refusal),
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            })
+        };
+        let conn = client
+            .common
+            .builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let served = async {
+            tokio::pin!(conn);
+            tokio::select! {
+                biased;
+                result = conn.as_mut() => result,
+                () = stopped => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        };
+        if let Err(err) = client.lane.drive(served).await {
+            tracing::debug!("client connection ended: {err}");
+        }
+        client.lane.release();
+        drop(permit);
+        if client.common.in_flight() == 0 {
+            // The last client left: hand the memory a burst of connections used back to
+            // the system, so an idle proxy returns to its idle footprint.
+            crate::memory::release_free_memory();
+        }
+        drop(done);
     }
 }
 
@@ -447,6 +580,49 @@ mod tests {
         assert!(poll(&mut b, &second_waker).is_ready());
         assert!(poll(&mut stop.wait(), &first_waker).is_ready());
         assert_eq!(registered(&stop), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_go_to_the_thread_serving_fewest() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let settings = crate::proxy::ProxySettings {
+            profile: "balance".to_owned(),
+            // Never reached: every request below is refused by the Host guard.
+            server: crate::config::ServerUrl::parse("https://immich.invalid").unwrap(),
+            username: "svc".to_owned(),
+            trust: crate::upstream::TlsTrust::public(),
+            client: crate::upstream::ClientOptions::default(),
+            idle_timeout: Duration::from_secs(60),
+        };
+        let proxy = Proxy::new(settings, &Secret::new("pw".into())).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let threads = start_threads(listener, proxy, ServerOptions::default(), 3).unwrap();
+        let loads: Vec<_> = threads.workers.iter().map(|w| w.load.clone()).collect();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(threads.run_until(async {
+            let _ = stopped.await;
+        }));
+        let mut clients = Vec::new();
+        for count in 1..=7 {
+            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            client
+                .write_all(b"GET / HTTP/1.1\r\nhost: elsewhere.example\r\n\r\n")
+                .await
+                .unwrap();
+            // An answer means a thread has taken the connection (and keeps it open).
+            let mut head = [0u8; 12];
+            client.read_exact(&mut head).await.unwrap();
+            assert!(head.starts_with(b"HTTP/1.1 4"), "{head:?}");
+            clients.push(client);
+            let mut now: Vec<usize> = loads.iter().map(|l| l.load(Ordering::Relaxed)).collect();
+            now.sort_unstable();
+            assert_eq!(now.iter().sum::<usize>(), count);
+            assert!(now[2] - now[0] <= 1, "{now:?} after {count} connections");
+        }
+        drop(clients);
+        stop.send(()).unwrap();
+        running.await.unwrap();
     }
 
     #[test]
