@@ -20,6 +20,11 @@ use crate::upstream::{ClientOptions, TlsTrust};
 /// How long each verification step may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long `serve` waits with no client connected before it unmaps its code pages: long
+/// enough that steady traffic never pays for mapping them back, short enough that a proxy
+/// between bursts sits at its idle footprint.
+const IDLE_SHED_AFTER: Duration = Duration::from_millis(250);
+
 /// Runs a parsed command line to completion.
 pub async fn run(cli: Cli) -> Result<()> {
     let config = ConfigStore::locate(cli.config)?;
@@ -270,6 +275,7 @@ pub async fn serve(
             max_connections: args.max_connections.max(1),
             allow_hosts,
             local_token: token,
+            shed_code_when_idle: Some(IDLE_SHED_AFTER),
             ..ServerOptions::default()
         };
         proxies.push(proxy.clone());
@@ -292,7 +298,7 @@ pub async fn serve(
     }
     let _ = std::io::stdout().flush();
     // Start-up is over: the CLI, config, keyring and TLS-root code need not stay resident.
-    let shed = crate::memory::shed_startup_code();
+    let shed = crate::memory::shed_code();
     tracing::debug!("unmapped {} KiB of start-up code", shed / 1024);
     shutdown_signal().await;
     let _ = stop_tx.send(true);

@@ -1,5 +1,5 @@
 //! Handing memory back to the system, so an idle proxy stays small: freed heap pages after a
-//! burst of connections, and the start-up code once the proxy serves.
+//! burst of connections, and code pages once start-up is over and whenever the proxy idles.
 
 /// Returns freed heap pages to the system (glibc keeps them in its arenas otherwise).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -18,16 +18,19 @@ pub fn release_free_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn release_free_memory() {}
 
-/// Unmaps the program's code pages from this process once start-up is over; the pages the
-/// proxy then runs are mapped again (from the page cache) on first use.
+/// Unmaps the program's code pages from this process; the pages it then runs are mapped
+/// again (from the page cache) on first use.
 ///
 /// Start-up touches most of the binary (argument parsing, the config file, the keyring's
 /// D-Bus client, TLS roots), and every page touched stays resident for the life of the
-/// process. Serving needs a fraction of it. Only the executable, never-written mapping of the
+/// process; so does the code of a burst of work, such as the TLS handshakes of new upstream
+/// connections (the kernel maps 64 KiB around each page fault, too). Serving needs a fraction
+/// of it, an idle proxy almost none. Only the executable, never-written mapping of the
 /// binary itself is dropped, so nothing can change: the same file pages come back. Returns
 /// the bytes unmapped.
 #[cfg(target_os = "linux")]
-pub fn shed_startup_code() -> usize {
+pub fn shed_code() -> usize {
+    SHEDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     unsafe extern "C" {
         fn madvise(
             addr: *mut std::ffi::c_void,
@@ -54,9 +57,16 @@ pub fn shed_startup_code() -> usize {
     shed
 }
 
-/// Unmaps start-up code (nothing to do on this platform).
+static SHEDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times [`shed_code`] has run in this process.
+pub fn code_sheds() -> usize {
+    SHEDS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Unmaps code pages (nothing to do on this platform).
 #[cfg(not(target_os = "linux"))]
-pub fn shed_startup_code() -> usize {
+pub fn shed_code() -> usize {
     0
 }
 
@@ -114,7 +124,7 @@ mod tests {
                 .unwrap()
         }
         let before = resident_file_kib();
-        let shed = shed_startup_code();
+        let shed = shed_code();
         let after = resident_file_kib();
         assert!(shed > 0, "the test binary has an executable mapping");
         assert!(after < before, "RssFile {before} kB -> {after} kB");

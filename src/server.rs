@@ -36,6 +36,10 @@ pub struct ServerOptions {
     pub allow_hosts: Vec<String>,
     /// The local credential clients must present, when local auth is on.
     pub local_token: Option<Secret>,
+    /// When set, the program's code pages are unmapped ([`crate::memory::shed_code`]) once
+    /// no client has been connected for this long: for the `credproxy` binary, not for a
+    /// library inside someone else's program.
+    pub shed_code_when_idle: Option<Duration>,
 }
 
 impl Default for ServerOptions {
@@ -47,6 +51,7 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(30),
             allow_hosts: Vec::new(),
             local_token: None,
+            shed_code_when_idle: None,
         }
     }
 }
@@ -58,6 +63,8 @@ struct Common {
     slots: Arc<Semaphore>,
     builder: http1::Builder,
     guards: Guards,
+    /// Told when the last client connection closes.
+    idle: tokio::sync::Notify,
 }
 
 impl Common {
@@ -79,11 +86,28 @@ impl Common {
             options,
             builder,
             guards,
+            idle: tokio::sync::Notify::new(),
         })
     }
 
     fn in_flight(&self) -> usize {
         self.options.max_connections - self.slots.available_permits()
+    }
+
+    /// Sheds code pages each time no client has been connected for the configured while;
+    /// never returns (waits forever when shedding is off).
+    async fn shed_when_idle(&self) {
+        let Some(after) = self.options.shed_code_when_idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            self.idle.notified().await;
+            tokio::time::sleep(after).await;
+            if self.in_flight() == 0 {
+                let shed = crate::memory::shed_code();
+                tracing::trace!("idle: unmapped {} KiB of code", shed / 1024);
+            }
+        }
     }
 
     fn log_drain(&self) {
@@ -132,7 +156,10 @@ pub async fn run(
         drop(done_tx);
         drain(&common, done_rx).await;
     };
-    tokio::join!(stopper, serve);
+    tokio::select! {
+        () = async { tokio::join!(stopper, serve); } => {}
+        () = common.shed_when_idle() => {}
+    }
 }
 
 /// Starts `threads` server threads for `listener`, each with a single-threaded runtime and
@@ -247,7 +274,10 @@ impl Threads {
                 }
             },
         );
-        tokio::join!(stopper, hand_out);
+        tokio::select! {
+            () = async { tokio::join!(stopper, hand_out); } => {}
+            () = self.common.shed_when_idle() => {}
+        }
         self.workers.clear();
         for done in std::mem::take(&mut self.finished) {
             let _ = done.await;
@@ -429,6 +459,7 @@ fn serve_connection(
             // The last client left: hand the memory a burst of connections used back to
             // the system, so an idle proxy returns to its idle footprint.
             crate::memory::release_free_memory();
+            client.common.idle.notify_one();
         }
         drop(done);
     }
@@ -582,19 +613,22 @@ mod tests {
         assert_eq!(registered(&stop), 0);
     }
 
-    #[tokio::test]
-    async fn connections_go_to_the_thread_serving_fewest() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let settings = crate::proxy::ProxySettings {
-            profile: "balance".to_owned(),
-            // Never reached: every request below is refused by the Host guard.
+    fn test_settings() -> crate::proxy::ProxySettings {
+        crate::proxy::ProxySettings {
+            profile: "server-test".to_owned(),
+            // Never reached: every request in these tests is refused by the Host guard.
             server: crate::config::ServerUrl::parse("https://immich.invalid").unwrap(),
             username: "svc".to_owned(),
             trust: crate::upstream::TlsTrust::public(),
             client: crate::upstream::ClientOptions::default(),
             idle_timeout: Duration::from_secs(60),
-        };
-        let proxy = Proxy::new(settings, &Secret::new("pw".into())).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_go_to_the_thread_serving_fewest() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let proxy = Proxy::new(test_settings(), &Secret::new("pw".into())).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let threads = start_threads(listener, proxy, ServerOptions::default(), 3).unwrap();
@@ -623,6 +657,54 @@ mod tests {
         drop(clients);
         stop.send(()).unwrap();
         running.await.unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn code_is_shed_once_no_client_is_left_and_only_when_asked() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let settings = test_settings();
+        for shed_after in [None, Some(Duration::from_millis(1))] {
+            let proxy = Proxy::new(settings.clone(), &Secret::new("pw".into())).unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let options = ServerOptions {
+                shed_code_when_idle: shed_after,
+                ..ServerOptions::default()
+            };
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let serving = tokio::spawn(run(listener, proxy, options, async {
+                let _ = stopped.await;
+            }));
+            let before = crate::memory::code_sheds();
+            let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            client
+                .write_all(
+                    b"GET / HTTP/1.1\r\nhost: elsewhere.example\r\nconnection: close\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            assert!(answer.starts_with(b"HTTP/1.1 4"));
+            drop(client);
+            // The shed follows a timer: wait for it, bounded (a while longer than the 1 ms
+            // timer when it is off).
+            let limit = Duration::from_millis(if shed_after.is_some() { 5000 } else { 300 });
+            let shed = tokio::time::timeout(limit, async {
+                while crate::memory::code_sheds() == before {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+            assert_eq!(
+                shed.is_ok(),
+                shed_after.is_some(),
+                "shed after {shed_after:?}"
+            );
+            stop.send(()).unwrap();
+            serving.await.unwrap();
+        }
     }
 
     #[test]
