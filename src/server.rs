@@ -209,7 +209,7 @@ pub fn start_threads(
         finished.push(done_rx);
     }
     Ok(Threads {
-        listener,
+        listener: Some(listener),
         workers,
         stop,
         finished,
@@ -219,7 +219,8 @@ pub fn start_threads(
 
 /// Server threads started by [`start_threads`]; dropping it stops them too.
 pub struct Threads {
-    listener: TcpListener,
+    /// Taken by [`Threads::run_until`], closed when accepting stops.
+    listener: Option<TcpListener>,
     workers: Vec<Queue>,
     stop: Stop,
     finished: Vec<tokio::sync::oneshot::Receiver<()>>,
@@ -252,13 +253,11 @@ impl Threads {
             self.stop.fire();
             self.common.log_drain();
         };
-        let hand_out = accept(
-            &self.listener,
-            &self.common,
-            &self.stop,
-            |stream, permit| {
-                let Some(thread) = self
-                    .workers
+        let (listener, workers) = (self.listener.take(), &self.workers);
+        let hand_out = async {
+            let Some(listener) = listener else { return };
+            accept(&listener, &self.common, &self.stop, |stream, permit| {
+                let Some(thread) = workers
                     .iter()
                     .min_by_key(|w| w.load.load(Ordering::Relaxed))
                 else {
@@ -272,8 +271,11 @@ impl Threads {
                     }
                     Err(err) => tracing::warn!("cannot hand over a connection: {err}"),
                 }
-            },
-        );
+            })
+            .await;
+            // New clients are refused while the threads drain, not left waiting.
+            drop(listener);
+        };
         tokio::select! {
             () = async { tokio::join!(stopper, hand_out); } => {}
             () = self.common.shed_when_idle() => {}
@@ -705,6 +707,55 @@ mod tests {
             stop.send(()).unwrap();
             serving.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn new_clients_are_refused_while_threads_drain() {
+        use tokio::io::AsyncWriteExt;
+        // An upstream that takes the connection and never answers keeps a request in flight.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut settings = test_settings();
+        settings.server = crate::config::ServerUrl::parse(&format!(
+            "https://127.0.0.1:{}",
+            silent.local_addr().unwrap().port()
+        ))
+        .unwrap();
+        let proxy = Proxy::new(settings, &Secret::new("pw".into())).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = ServerOptions {
+            drain_timeout: Duration::from_secs(20),
+            ..ServerOptions::default()
+        };
+        let threads = start_threads(listener, proxy, options, 2).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(threads.run_until(async {
+            let _ = stopped.await;
+        }));
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(format!("GET /api/server/ping HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (upstream, _) = silent.accept().await.unwrap();
+        stop.send(()).unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(10), async {
+            while tokio::net::TcpStream::connect(addr).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(refused.is_ok(), "the listener stayed open during the drain");
+        assert!(
+            !running.is_finished(),
+            "the in-flight request was not waited for"
+        );
+        // The upstream goes away: the request is answered and the drain ends.
+        drop(upstream);
+        tokio::time::timeout(Duration::from_secs(15), running)
+            .await
+            .expect("the drain ends once the request is answered")
+            .unwrap();
     }
 
     #[test]
