@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::io::{self, Write};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::Level;
 
@@ -54,7 +55,7 @@ where
         writer.write_str(match *event.metadata().level() {
             Level::ERROR => " ERROR ",
             Level::WARN => "  WARN ",
-            Level::INFO => "  INFO ",
+            Level::INFO => ACCESS_LEVEL,
             Level::DEBUG => " DEBUG ",
             Level::TRACE => " TRACE ",
         })?;
@@ -68,33 +69,57 @@ where
     }
 }
 
+/// Set by [`access_lines_direct`].
+static DIRECT: AtomicBool = AtomicBool::new(false);
+
+/// Declares that the installed subscriber is this module's [`Format`] writing to [`Stderr`],
+/// as the binary sets it up: server threads then write access lines into their batch
+/// themselves, the text the subscriber would write, without the trip through it (event
+/// dispatch, the subscriber's buffer, a second copy). The level filter still decides.
+pub fn access_lines_direct() {
+    DIRECT.store(true, Ordering::Relaxed);
+}
+
 /// Logs the access line of a finished request: `method=GET path=/p status=200 up=0 down=21 ms=1`.
 ///
 /// The line is put together here, numbers without `core::fmt`'s machinery, and handed to
-/// tracing as one ready message: a small request's whole cost is a few microseconds, and the
-/// general formatting of six values was a good part of it.
+/// tracing as one ready message, or, on a server thread of the binary, written straight into
+/// the thread's batch (see [`access_lines_direct`]): a small request's whole cost is a few
+/// microseconds, and logging was a good part of it.
 pub fn access(method: &http::Method, path: &str, status: u16, up: u64, down: u64, ms: u128) {
     if !tracing::enabled!(target: ACCESS_TARGET, Level::INFO) {
         return;
     }
     thread_local! {
-        static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+        static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-    let log = |line: &mut String| {
+    let direct = DIRECT.load(Ordering::Relaxed) && batching();
+    let log = |line: &mut Vec<u8>| {
         line.clear();
-        line.push_str("method=");
-        line.push_str(method.as_str());
-        line.push_str(" path=");
-        line.push_str(path);
-        line.push_str(" status=");
+        if direct {
+            line.extend_from_slice(&timestamp(std::time::SystemTime::now()));
+            line.extend_from_slice(ACCESS_LEVEL.as_bytes());
+        }
+        line.extend_from_slice(b"method=");
+        line.extend_from_slice(method.as_str().as_bytes());
+        line.extend_from_slice(b" path=");
+        line.extend_from_slice(path.as_bytes());
+        line.extend_from_slice(b" status=");
         push_decimal(line, status.into());
-        line.push_str(" up=");
+        line.extend_from_slice(b" up=");
         push_decimal(line, up);
-        line.push_str(" down=");
+        line.extend_from_slice(b" down=");
         push_decimal(line, down);
-        line.push_str(" ms=");
+        line.extend_from_slice(b" ms=");
         push_decimal(line, u64::try_from(ms).unwrap_or(u64::MAX));
-        tracing::info!(target: ACCESS_TARGET, "{line}");
+        if direct {
+            line.push(b'\n');
+            let _ = Line.write_all(line);
+        } else {
+            // Text and ASCII digits only: always UTF-8.
+            let text = std::str::from_utf8(line).unwrap_or_default();
+            tracing::info!(target: ACCESS_TARGET, "{text}");
+        }
     };
     let reused = LINE.try_with(|line| match line.try_borrow_mut() {
         Ok(mut line) => {
@@ -104,12 +129,22 @@ pub fn access(method: &http::Method, path: &str, status: u16, up: u64, down: u64
         Err(_) => false,
     });
     if reused != Ok(true) {
-        log(&mut String::new());
+        log(&mut Vec::new());
     }
 }
 
+/// What [`Format`] writes between an access line's time and its message.
+const ACCESS_LEVEL: &str = "  INFO ";
+
+/// Whether the calling thread collects its lines (see [`batch_thread`]).
+fn batching() -> bool {
+    BATCH
+        .try_with(|batch| batch.try_borrow().is_ok_and(|batch| batch.is_some()))
+        .unwrap_or(false)
+}
+
 /// Appends `n` in decimal.
-fn push_decimal(out: &mut String, mut n: u64) {
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -120,16 +155,22 @@ fn push_decimal(out: &mut String, mut n: u64) {
             break;
         }
     }
-    out.extend(digits[at..].iter().map(|d| char::from(*d)));
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Writes `time` as tracing-subscriber's `SystemTime` timer does (RFC 3339 in UTC with
-/// microseconds: `2026-11-27T08:00:00.000000Z`), so access lines and other lines match. The
-/// date and time of day are worked out once per second per thread.
+/// microseconds: `2026-11-27T08:00:00.000000Z`), so access lines and other lines match.
 fn write_timestamp(
     writer: &mut impl std::fmt::Write,
     time: std::time::SystemTime,
 ) -> std::fmt::Result {
+    // ASCII by construction.
+    writer.write_str(std::str::from_utf8(&timestamp(time)).unwrap_or_default())
+}
+
+/// The text of [`write_timestamp`]. The date and time of day are worked out once per second
+/// per thread.
+fn timestamp(time: std::time::SystemTime) -> [u8; 27] {
     thread_local! {
         /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS.` text.
         static SECOND: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
@@ -156,8 +197,7 @@ fn write_timestamp(
         *digit = b'0' + (n % 10) as u8;
         n /= 10;
     }
-    // ASCII by construction.
-    writer.write_str(std::str::from_utf8(&text).unwrap_or_default())
+    text
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.` for `secs` after the Unix epoch, in UTC (proleptic Gregorian).
@@ -423,6 +463,49 @@ mod tests {
                 " INFO method=GET path=/ status=502 up=0 down=18446744073709551615 ms=18446744073709551615",
             ]
         );
+    }
+
+    #[test]
+    fn server_threads_write_access_lines_as_the_subscriber_would() {
+        let subscriber = |out: &Captured| {
+            let writer = out.clone();
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .event_format(Format::new())
+                .finish()
+        };
+        let request = || access(&http::Method::GET, "/api/ping", 200, 0, 21, 3);
+        // A thread that does not batch: the line goes through the subscriber.
+        let through = Captured::default();
+        tracing::subscriber::with_default(subscriber(&through), request);
+        let through = String::from_utf8(through.0.lock().unwrap().clone()).unwrap();
+        // A server thread of the binary: the same text, written into its batch directly.
+        let bypassed = Captured::default();
+        let direct = {
+            let bypassed = bypassed.clone();
+            std::thread::spawn(move || {
+                access_lines_direct();
+                batch_thread();
+                tracing::subscriber::with_default(subscriber(&bypassed), request);
+                let line = BATCH.with(|b| std::mem::take(&mut b.borrow_mut().as_mut().unwrap().0));
+                String::from_utf8(line).unwrap()
+            })
+            .join()
+            .unwrap()
+        };
+        assert!(
+            bypassed.0.lock().unwrap().is_empty(),
+            "the subscriber was used"
+        );
+        let without_time = |line: &str| line.split_once(' ').unwrap().1.to_owned();
+        assert_eq!(without_time(&direct), without_time(&through));
+        assert_eq!(
+            without_time(&direct),
+            " INFO method=GET path=/api/ping status=200 up=0 down=21 ms=3\n"
+        );
+        let (time, _) = direct.split_once(' ').unwrap();
+        assert!(time.len() == 27 && time.ends_with('Z'), "{time}");
     }
 
     #[test]

@@ -46,6 +46,9 @@ fn main() -> ExitCode {
         .finish()
         .with(filter)
         .init();
+    // That subscriber is logging's own Format and Stderr: server threads may write access
+    // lines themselves.
+    credproxy::logging::access_lines_direct();
     // One thread for the commands, signals and the admin listener; `serve` runs its own
     // single-threaded event loop per server thread (see `server::start_threads`).
     let runtime = match tokio::runtime::Builder::new_current_thread()
