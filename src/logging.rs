@@ -386,16 +386,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn access_lines_are_written_as_is_and_other_lines_as_usual() {
-        let out = Captured::default();
+    /// The binary's subscriber setup (this module's Format, no colours), writing to `out`.
+    fn capturing(out: &Captured) -> impl tracing::Subscriber + Send + Sync + use<> {
         let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
+        tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
             .with_ansi(false)
             .event_format(Format::new())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+            .finish()
+    }
+
+    #[test]
+    fn access_lines_are_written_as_is_and_other_lines_as_usual() {
+        let out = Captured::default();
+        tracing::subscriber::with_default(capturing(&out), || {
             tracing::info!(target: ACCESS_TARGET, "method={} path={} status={}", "GET", "/a", 200);
             tracing::warn!(target: "credproxy::proxy", "upstream said \u{1b}[31mred");
         });
@@ -444,13 +448,7 @@ mod tests {
     #[test]
     fn access_lines_carry_the_request_numbers() {
         let out = Captured::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .event_format(Format::new())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(capturing(&out), || {
             access(&http::Method::PUT, "/api/assets", 201, 1_048_576, 0, 12);
             access(&http::Method::GET, "/", 502, 0, u64::MAX, u128::MAX);
         });
@@ -467,18 +465,10 @@ mod tests {
 
     #[test]
     fn server_threads_write_access_lines_as_the_subscriber_would() {
-        let subscriber = |out: &Captured| {
-            let writer = out.clone();
-            tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .with_ansi(false)
-                .event_format(Format::new())
-                .finish()
-        };
         let request = || access(&http::Method::GET, "/api/ping", 200, 0, 21, 3);
         // A thread that does not batch: the line goes through the subscriber.
         let through = Captured::default();
-        tracing::subscriber::with_default(subscriber(&through), request);
+        tracing::subscriber::with_default(capturing(&through), request);
         let through = String::from_utf8(through.0.lock().unwrap().clone()).unwrap();
         // A server thread of the binary: the same text, written into its batch directly.
         let bypassed = Captured::default();
@@ -487,7 +477,7 @@ mod tests {
             std::thread::spawn(move || {
                 access_lines_direct();
                 batch_thread();
-                tracing::subscriber::with_default(subscriber(&bypassed), request);
+                tracing::subscriber::with_default(capturing(&bypassed), request);
                 let line = BATCH.with(|b| std::mem::take(&mut b.borrow_mut().as_mut().unwrap().0));
                 String::from_utf8(line).unwrap()
             })

@@ -135,11 +135,6 @@ pub async fn run(
     let common = Common::new(&listener, options);
     let stop = Stop::default();
     let (done_tx, done_rx) = mpsc::channel::<()>(1);
-    let stopper = async {
-        shutdown.await;
-        stop.fire();
-        common.log_drain();
-    };
     let serve = async {
         accept(&listener, &common, &stop, |stream, permit| {
             tokio::spawn(serve_connection(
@@ -156,8 +151,24 @@ pub async fn run(
         drop(done_tx);
         drain(&common, done_rx).await;
     };
+    serve_until(&common, &stop, shutdown, serve).await;
+}
+
+/// Runs `serving` (which ends once `stop` has fired and its connections have drained); fires
+/// `stop` when `shutdown` resolves, and sheds code while idle if the options ask for it.
+async fn serve_until(
+    common: &Common,
+    stop: &Stop,
+    shutdown: impl Future<Output = ()>,
+    serving: impl Future<Output = ()>,
+) {
+    let stopper = async {
+        shutdown.await;
+        stop.fire();
+        common.log_drain();
+    };
     tokio::select! {
-        () = async { tokio::join!(stopper, serve); } => {}
+        () = async { tokio::join!(stopper, serving); } => {}
         () = common.shed_when_idle() => {}
     }
 }
@@ -248,11 +259,6 @@ impl Threads {
     /// first would take a burst of them (64 clients connecting at once went 40/24 between
     /// two threads), and the busier thread then holds the others back.
     pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) {
-        let stopper = async {
-            shutdown.await;
-            self.stop.fire();
-            self.common.log_drain();
-        };
         let (listener, workers) = (self.listener.take(), &self.workers);
         let hand_out = async {
             let Some(listener) = listener else { return };
@@ -276,10 +282,7 @@ impl Threads {
             // New clients are refused while the threads drain, not left waiting.
             drop(listener);
         };
-        tokio::select! {
-            () = async { tokio::join!(stopper, hand_out); } => {}
-            () = self.common.shed_when_idle() => {}
-        }
+        serve_until(&self.common, &self.stop, shutdown, hand_out).await;
         self.workers.clear();
         for done in std::mem::take(&mut self.finished) {
             let _ = done.await;
@@ -318,15 +321,15 @@ impl ServerThread {
                 },
             };
             let Accepted { stream, permit } = accepted;
+            // Counted off this thread when the connection ends, however it ends.
+            let load = Unload(self.load.clone());
             let stream = match TcpStream::from_std(stream) {
                 Ok(stream) => stream,
                 Err(err) => {
                     tracing::warn!("cannot serve a connection: {err}");
-                    self.load.fetch_sub(1, Ordering::Relaxed);
                     continue;
                 }
             };
-            let load = Unload(self.load.clone());
             let connection = serve_connection(
                 stream,
                 permit,
@@ -570,7 +573,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
     use std::task::Wake;
 
     /// A waker that counts its wakes.
