@@ -1,14 +1,20 @@
 //! Validated settings: profiles in a TOML file (non-secret only), built once from CLI + file.
+//!
+//! Owns: the config file and its store, [`Profile`] (what one proxied server needs, from the
+//! file or from an app), the value types it is made of (server URL, listen address, key pins)
+//! and the `credproxy login` command that re-creates a profile.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use http::uri::{Authority, Scheme, Uri};
+use http::uri::{self, Authority, Uri};
 use serde::{Deserialize, Serialize};
 
+use crate::credentials::Scheme;
 use crate::error::{Error, Result};
 
 /// The profile used when none is named.
@@ -68,11 +74,11 @@ pub struct Profile {
     /// The Authentik username sent in Basic credentials (empty for other schemes).
     pub username: String,
     /// How the gate is authenticated.
-    pub auth: crate::auth::Scheme,
+    pub auth: Scheme,
     /// The listen address for `serve`.
     pub listen: SocketAddr,
     /// An extra CA certificate to trust.
-    pub ca_cert: Option<PathBuf>,
+    pub ca_cert: Option<CaCert>,
     /// Accepted server key pins (`sha256/BASE64`), already checked.
     pub pins: Vec<String>,
     /// Whether clients must present the local credential.
@@ -84,9 +90,8 @@ pub struct Profile {
 impl Profile {
     /// Validates a stored profile entry.
     pub fn from_entry(name: &str, entry: &ProfileEntry) -> Result<Self> {
-        let auth =
-            crate::auth::Scheme::new(entry.auth.as_deref().unwrap_or("basic"), &entry.headers)?;
-        let username = if auth == crate::auth::Scheme::Basic {
+        let auth = Scheme::new(entry.auth.as_deref().unwrap_or("basic"), &entry.headers)?;
+        let username = if auth == Scheme::Basic {
             validate_username(&entry.username)?
         } else {
             entry.username.clone()
@@ -100,7 +105,7 @@ impl Profile {
                 Some(listen) => parse_listen(listen)?,
                 None => DEFAULT_LISTEN,
             },
-            ca_cert: entry.ca_cert.clone(),
+            ca_cert: entry.ca_cert.clone().map(CaCert::File),
             pins: entry
                 .pins
                 .iter()
@@ -111,15 +116,55 @@ impl Profile {
         })
     }
 
-    /// The entry to store for this profile.
+    /// The `credproxy login` command that stores fresh credentials for this profile with the
+    /// same settings, ready to paste into a shell: every scheme's own options, the CA file and
+    /// pins, and `--config FILE` when the profile lives in a file other than the default.
+    ///
+    /// This is the one place the fix for missing or rejected credentials is written.
+    pub fn login_command(&self, config_file: Option<&Path>) -> String {
+        let mut words: Vec<String> = vec!["credproxy".into(), "login".into()];
+        let mut flag = |name: &str, value: Cow<'_, str>| {
+            words.push(name.to_owned());
+            words.push(shell_word(value).into_owned());
+        };
+        if let Some(file) = config_file {
+            flag("--config", file.to_string_lossy());
+        }
+        flag("--profile", self.name.as_str().into());
+        flag("--server", self.server.to_string().into());
+        if self.auth != Scheme::Basic {
+            flag("--auth", self.auth.name().into());
+        }
+        for header in self.auth.stored_header_names() {
+            flag("--header", header.into());
+        }
+        if !self.username.is_empty() {
+            flag("--username", self.username.as_str().into());
+        }
+        if let Some(CaCert::File(path)) = &self.ca_cert {
+            flag("--ca-cert", path.to_string_lossy());
+        }
+        for pin in &self.pins {
+            flag("--pin", pin.as_str().into());
+        }
+        if self.listen != DEFAULT_LISTEN {
+            flag("--listen", self.listen.to_string().into());
+        }
+        words.join(" ")
+    }
+
+    /// The entry to store for this profile (an app's PEM text CA is never stored).
     pub fn to_entry(&self) -> ProfileEntry {
         ProfileEntry {
             server: self.server.to_string(),
             username: self.username.clone(),
-            auth: (self.auth != crate::auth::Scheme::Basic).then(|| self.auth.name().to_owned()),
+            auth: (self.auth != Scheme::Basic).then(|| self.auth.name().to_owned()),
             headers: self.auth.stored_header_names(),
             listen: (self.listen != DEFAULT_LISTEN).then(|| self.listen.to_string()),
-            ca_cert: self.ca_cert.clone(),
+            ca_cert: match &self.ca_cert {
+                Some(CaCert::File(path)) => Some(path.clone()),
+                Some(CaCert::Pem(_)) | None => None,
+            },
             pins: self.pins.clone(),
             local_auth: self.local_auth,
             allow_hosts: self.allow_hosts.clone(),
@@ -127,13 +172,36 @@ impl Profile {
     }
 }
 
+/// Where a profile's extra CA certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaCert {
+    /// A PEM file, read when the proxy starts (what the config file stores).
+    File(PathBuf),
+    /// PEM text handed over by an app; never written to the config file.
+    Pem(String),
+}
+
 /// Checks an SPKI pin's form (`sha256/BASE64` of 32 bytes).
 pub fn validate_pin(pin: &str) -> Result<String> {
-    crate::upstream::parse_pin(pin).map_err(|reason| Error::Invalid {
+    parse_pin(pin).map_err(|reason| Error::Invalid {
         what: "pin",
         reason,
     })?;
     Ok(pin.trim().to_owned())
+}
+
+/// Parses `sha256/BASE64` (as `credproxy doctor` prints it) into the 32-byte hash.
+pub fn parse_pin(pin: &str) -> Result<[u8; 32], String> {
+    use base64::Engine as _;
+    let encoded = pin.trim().strip_prefix("sha256/").ok_or_else(|| {
+        format!("'{pin}' is not a pin: expected sha256/BASE64 as `credproxy doctor` prints it")
+    })?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| format!("'{pin}' is not valid base64"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("'{pin}' is not a SHA-256 hash (32 bytes)"))
 }
 
 /// An `https://host[:port]` origin: the single upstream a profile is pinned to.
@@ -154,7 +222,7 @@ impl ServerUrl {
         };
         let uri: Uri = input.trim().parse().map_err(|_| invalid("is not a URL"))?;
         match uri.scheme() {
-            Some(s) if *s == Scheme::HTTPS => {}
+            Some(s) if *s == uri::Scheme::HTTPS => {}
             Some(_) => {
                 return Err(invalid(
                     "is not https: the credentials would travel in plain text",
@@ -207,6 +275,19 @@ impl ServerUrl {
     /// The TCP port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+}
+
+/// `word` as one POSIX shell word: unchanged when it is plain, in single quotes otherwise.
+fn shell_word(word: Cow<'_, str>) -> Cow<'_, str> {
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./_-".contains(&b));
+    if plain {
+        word
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''")).into()
     }
 }
 
@@ -300,11 +381,14 @@ pub fn check_loopback(addr: SocketAddr, allow_remote: bool) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct ConfigStore {
     path: PathBuf,
+    /// Named with `--config` or `CREDPROXY_CONFIG` rather than the platform default.
+    explicit: bool,
 }
 
 impl ConfigStore {
     /// Uses the given file, or the platform default (`$XDG_CONFIG_HOME/credproxy/config.toml`).
     pub fn locate(explicit: Option<PathBuf>) -> Result<Self> {
+        let named = explicit.is_some();
         let path = match explicit {
             Some(path) => path,
             None => dirs::config_dir()
@@ -312,12 +396,24 @@ impl ConfigStore {
                 .join("credproxy")
                 .join("config.toml"),
         };
-        Ok(Self { path })
+        Ok(Self {
+            path,
+            explicit: named,
+        })
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The `credproxy login` command that re-creates `profile` in this file (see
+    /// [`Profile::login_command`]); it names the file unless it is the default one.
+    pub fn login_command(&self, profile: &Profile) -> String {
+        let file = self
+            .explicit
+            .then(|| std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone()));
+        profile.login_command(file.as_deref())
     }
 
     /// Reads the file; a file that does not exist yet is an empty config.
@@ -458,9 +554,9 @@ mod tests {
             name: "work".into(),
             server: ServerUrl::parse("https://immich.example.com").unwrap(),
             username: "svc".into(),
-            auth: crate::auth::Scheme::Basic,
+            auth: Scheme::Basic,
             listen: parse_listen("127.0.0.1:3000").unwrap(),
-            ca_cert: Some("/etc/ca.pem".into()),
+            ca_cert: Some(CaCert::File("/etc/ca.pem".into())),
             pins: vec!["sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into()],
             local_auth: true,
             allow_hosts: vec!["photos.lan".into()],
@@ -475,5 +571,54 @@ mod tests {
         ));
         std::fs::write(store.path(), "profiles = 3").unwrap();
         assert!(matches!(store.load(), Err(Error::ConfigParse { .. })));
+    }
+
+    fn profile(auth: Scheme, username: &str) -> Profile {
+        Profile {
+            name: "home".into(),
+            server: ServerUrl::parse("https://immich.example.com").unwrap(),
+            username: username.into(),
+            auth,
+            listen: DEFAULT_LISTEN,
+            ca_cert: None,
+            pins: Vec::new(),
+            local_auth: false,
+            allow_hosts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_login_command_carries_each_schemes_options() {
+        assert_eq!(
+            profile(Scheme::Basic, "svc").login_command(None),
+            "credproxy login --profile home --server https://immich.example.com --username svc"
+        );
+        assert_eq!(
+            profile(Scheme::CloudflareAccess, "").login_command(None),
+            "credproxy login --profile home --server https://immich.example.com --auth cloudflare-access"
+        );
+        let pangolin = Scheme::new(
+            "header",
+            &["P-Access-Token-Id".into(), "P-Access-Token".into()],
+        )
+        .unwrap();
+        let mut p = profile(pangolin, "");
+        p.ca_cert = Some(CaCert::File("/etc/my ca/it's.pem".into()));
+        p.pins = vec!["sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into()];
+        p.listen = parse_listen("127.0.0.1:3000").unwrap();
+        assert_eq!(
+            p.login_command(Some(Path::new("/home/u/cfg.toml"))),
+            "credproxy login --config /home/u/cfg.toml --profile home \
+             --server https://immich.example.com --auth header --header p-access-token-id \
+             --header p-access-token --ca-cert '/etc/my ca/it'\\''s.pem' \
+             --pin sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU= --listen 127.0.0.1:3000"
+        );
+        // An app's PEM text never appears on a command line.
+        p.ca_cert = Some(CaCert::Pem("-----BEGIN CERTIFICATE-----".into()));
+        assert!(!p.login_command(None).contains("--ca-cert"));
+        assert_eq!(
+            profile(Scheme::Basic, "svc laptop").login_command(None),
+            "credproxy login --profile home --server https://immich.example.com --username 'svc laptop'"
+        );
     }
 }

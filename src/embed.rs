@@ -1,5 +1,6 @@
-//! Running the proxy inside another program (a phone app, a GUI): its own small runtime, a
-//! handle that stops it, totals with the last error, logs to a sink, and the doctor's checks.
+//! The library's face for other programs (a phone app, a GUI): the proxy on its own small
+//! runtime, served by the same [`serve::run`] as the binary, a handle that stops it, totals
+//! with the last error, logs to a sink, and the doctor's checks.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -15,15 +16,15 @@ use tracing::field::{Field, Visit};
 use tracing::{Dispatch, Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
 
-use crate::auth::Scheme;
-use crate::check::{CheckError, Checker};
 use crate::config;
-use crate::credentials::Secret;
-use crate::doctor::{self, Step};
+use crate::credentials::{Scheme, Secret};
+use crate::diagnose::check::Checker;
+use crate::diagnose::doctor::{self, Step};
 use crate::error::{Error, Result};
-use crate::guard::LOCAL_USER;
 use crate::proxy::{Proxy, ProxySettings};
-use crate::server::{self, ServerOptions};
+use crate::serve::guard::LOCAL_USER;
+use crate::serve::{self, ServeOptions};
+use crate::sync::lock;
 
 /// Receives the log events of an embedded proxy (the host app's logger).
 pub trait LogSink: Send + Sync {
@@ -39,7 +40,7 @@ pub struct EmbedOptions {
     /// Tokio worker threads; one or two carry a phone's traffic.
     pub worker_threads: usize,
     /// Client connection limits and the drain time `stop` waits for.
-    pub server: ServerOptions,
+    pub server: ServeOptions,
     /// Where log events go, if anywhere.
     pub log: Option<Arc<dyn LogSink>>,
 }
@@ -48,11 +49,11 @@ impl Default for EmbedOptions {
     fn default() -> Self {
         Self {
             worker_threads: 2,
-            server: ServerOptions {
+            server: ServeOptions {
                 max_connections: 256,
                 // `stop` blocks its caller (an app's UI or service thread) while requests drain.
                 drain_timeout: Duration::from_secs(5),
-                ..ServerOptions::default()
+                ..ServeOptions::default()
             },
             log: None,
         }
@@ -121,7 +122,7 @@ impl Embedded {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let task = runtime.spawn(server::run(
+        let task = runtime.spawn(serve::run(
             listener,
             proxy.clone(),
             options.server,
@@ -197,11 +198,6 @@ impl Drop for Embedded {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Locks a mutex whose value stays whole even if a holder panicked (it is only ever replaced).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 thread_local! {
@@ -297,15 +293,15 @@ impl Message {
 }
 
 /// Runs the doctor's network steps (DNS, TCP, TLS, gate, credentials, Immich, websocket) for
-/// `settings` with Basic credentials `password`, each bounded by `timeout`; `fix_credentials`
-/// is the hint shown when the gate rejects them. Logs go to `sink`.
+/// `settings` with the `scheme`'s stored `secret`, each bounded by `timeout`; a rejection's fix
+/// hint is `settings.fix`. Logs go to `sink`.
 ///
 /// It blocks the calling thread on a runtime of its own, so it is for synchronous callers (an
 /// app's worker thread), not for code already inside an async runtime.
 pub fn check(
     settings: &ProxySettings,
-    password: &Secret,
-    fix_credentials: String,
+    scheme: &Scheme,
+    secret: &Secret,
     timeout: Duration,
     sink: Option<Arc<dyn LogSink>>,
 ) -> Result<Vec<Step>> {
@@ -314,16 +310,13 @@ pub fn check(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| CheckError::Http {
-            server: settings.server.to_string(),
-            detail: format!("cannot start the event loop for the checks: {e}"),
-        })?;
+        .map_err(Error::Runtime)?;
     let target = doctor::Target {
         checker: &checker,
         username: &settings.username,
-        scheme: &Scheme::Basic,
-        secret: Some(password),
-        login_command: fix_credentials,
+        scheme,
+        secret: Some(secret),
+        login_command: settings.fix.clone(),
     };
     let dispatch = log_dispatch(None, sink);
     Ok(tracing::dispatcher::with_default(&dispatch, || {

@@ -1,15 +1,16 @@
-//! The core library's one error type: every message is lowercase, actionable and secret-free.
+//! The core library's error types: every message is lowercase, actionable and secret-free.
+//!
+//! This module imports nothing from the crate: every other module may use it, and the core
+//! error knows nothing of the command line, the doctor or the service installer (the CLI
+//! wraps it in its own error).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::check::CheckError;
-use crate::credentials::StoreError;
-
 /// Everything that can go wrong in the core, outside a single proxied request.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A value given on the command line or in the config file is not acceptable.
+    /// A value given on the command line, in the config file or by an app is not acceptable.
     #[error("invalid {what}: {reason}")]
     Invalid {
         /// Which setting was wrong.
@@ -58,25 +59,21 @@ pub enum Error {
         /// The config file searched.
         path: PathBuf,
     },
-    /// The profile exists but its secret is not in the keyring.
-    #[error(
-        "no credentials stored for profile '{profile}' in the OS keyring; run `credproxy login --profile {profile} --server {server} --username {username}`"
-    )]
+    /// The profile exists but its secret is not in the credential store.
+    #[error("no credentials stored for profile '{profile}'; {fix}")]
     MissingSecret {
         /// The profile.
         profile: String,
-        /// Its server, for the suggested command.
-        server: String,
-        /// Its username, for the suggested command.
-        username: String,
+        /// What stores them (for the CLI: the `credproxy login` command for this profile).
+        fix: String,
     },
-    /// The keyring could not be used.
+    /// The credential store could not be used.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The extra CA certificate could not be used.
     #[error("cannot use CA certificate {path}: {reason}")]
     CaCert {
-        /// The PEM file.
+        /// The PEM file (or a description of where the PEM text came from).
         path: PathBuf,
         /// What was wrong with it.
         reason: String,
@@ -101,69 +98,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The password could not be read.
-    #[error("cannot read the password: {0}")]
-    Password(String),
-    /// `doctor` found problems (it printed them).
-    #[error("doctor found {0} problem(s); see the ✗ lines above")]
-    Doctor(usize),
-    /// The built-in demonstration could not run or did not behave as expected.
-    #[error("the demo failed: {0}")]
-    Demo(String),
-    /// `credproxy service` has no service manager to drive on this platform.
-    #[error(
-        "`credproxy service` drives systemd user units on linux and launchd agents on macos, not {os}; see the README section \"Run it as a service\" to start `credproxy serve` at logon"
-    )]
-    ServiceUnsupported {
-        /// The platform.
-        os: &'static str,
-    },
-    /// A service file could not be read, written or removed.
-    #[error("cannot {action} service file {path}")]
-    ServiceFile {
-        /// What was being done.
-        action: &'static str,
-        /// The unit or plist file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The service manager could not be reached or refused a step.
-    #[error("{done}, but `{command}` failed: {detail}; {fix}")]
-    ServiceManager {
-        /// What was done before the failure.
-        done: String,
-        /// The command that failed.
-        command: String,
-        /// What it said.
-        detail: String,
-        /// What to run by hand.
-        fix: String,
-    },
-    /// No service is installed for the profile.
-    #[error(
-        "no service is installed for profile '{profile}' (no {path}); install it with `credproxy service install --profile {profile}`"
-    )]
-    ServiceNotInstalled {
-        /// The profile.
-        profile: String,
-        /// Where its service file would be.
-        path: PathBuf,
-    },
-    /// The profile's service is installed but the proxy is not running.
-    #[error("the service {name} is {state}; {fix}")]
-    ServiceNotRunning {
-        /// The unit name or launchd label.
-        name: String,
-        /// The manager's view, or why it could not be asked.
-        state: String,
-        /// Where to look next.
-        fix: String,
-    },
-    /// Checking the server and credentials failed.
-    #[error(transparent)]
-    Check(#[from] CheckError),
+    /// The async runtime (its threads, its event loop) could not be started.
+    #[error("cannot start the event loop")]
+    Runtime(#[source] std::io::Error),
 }
 
 impl Error {
@@ -171,6 +108,22 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         matches!(self, Error::Invalid { .. } | Error::NonLoopback { .. })
     }
+}
+
+/// Why a credential store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No keyring service could be reached at all.
+    #[error("the OS keyring is not reachable ({detail}); {hint}")]
+    Unavailable {
+        /// What the platform said, free of secrets.
+        detail: String,
+        /// What the user can do about it on this platform.
+        hint: &'static str,
+    },
+    /// The keyring answered but refused or failed the operation.
+    #[error("the OS keyring failed: {0}")]
+    Failed(String),
 }
 
 /// The core's result type.

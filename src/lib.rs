@@ -1,55 +1,45 @@
-//! credproxy: a loopback proxy that adds Authentik credentials from the OS keyring to every
-//! request for an Authentik-fronted Immich server, streaming everything.
+//! credproxy: a loopback proxy that adds the credentials of an Authentik-fronted (or Cloudflare
+//! Access-, or header-gated) Immich server from the OS keyring to every request, streaming
+//! everything.
 //!
 //! # Layout
 //!
-//! - [`cli`]: clap types only; the binary parses them and hands them to [`app`].
-//! - [`admin`]: the optional admin listener: `/healthz` and Prometheus `/metrics`.
-//! - [`app`]: the commands (`login`, `serve`, `logout`, `profiles`, `doctor`), validate-then-run.
-//! - [`auth`]: auth schemes (basic, cloudflare-access, header) and the headers they inject.
-//! - [`config`]: validated settings and the TOML profile file (never secrets).
+//! Follow a request from the top: a client connects to [`serve`], which hands each request
+//! to [`proxy`], which sends it through [`upstream`] and streams the answer back. Each
+//! module uses only those listed after it:
+//!
+//! - [`cli`]: the binary's face: clap arguments, one file per command, the service
+//!   installer, the demo (feature `cli`, on by default).
+//! - [`embed`]: the library's face for other programs (the phone library in `mobile/`): the
+//!   proxy on its own runtime with a stop handle, totals, logs to a sink, and the checks.
+//! - [`ops`]: logging for the binary, the admin listener (`/healthz`, `/metrics`).
+//! - [`diagnose`]: step-by-step checks (DNS, TCP, TLS, gate, Immich) and the doctor.
+//! - [`serve`]: the accept loop over an already-bound listener, connection limit, drain,
+//!   and the listener's guards.
+//! - [`proxy`]: the per-request service: request/response rewriting, the gate's answers and
+//!   back-off, the session jar, streaming bodies and statistics.
+//! - [`upstream`]: the connection to the one server: TLS trust, connector, connection pool.
+//! - [`config`]: validated settings, profiles and the TOML file (never secrets).
 //! - [`credentials`]: the [`Secret`](credentials::Secret) type, the store trait, the OS
-//!   keyring store and an in-memory store.
-//! - [`upstream`]: TLS trust as a value, the HTTPS connector (rustls, ring), failure kinds.
-//! - [`pool`]: upstream HTTP/1.1 connections driven on the client connection's own task.
-//! - [`proxy`]: pure request/response rewriting and the per-request service.
-//! - [`gate`]: recognising the Authentik outpost's redirects and rejections.
-//! - [`guard`]: the listener's guards: exact Host names, no foreign Origin, local credential.
-//! - [`jar`]: the gate's session cookies, kept per profile and sent back upstream.
-//! - [`memory`]: handing memory back: free heap pages, and start-up code once serving.
-//! - [`logging`]: log output: one write per line, batched on busy server threads.
-//! - [`body`]: streaming body wrapper (byte counts, idle timeout) and the per-request log.
-//! - [`server`]: the accept loops over an already-bound listener with a shutdown future, on
-//!   the calling runtime or one single-threaded runtime per server thread.
-//! - [`service`]: `serve` as a systemd user unit or launchd agent; the unit and plist texts.
-//! - [`check`]: step-by-step checks (DNS, TCP, TLS, gate, Immich) with precise errors.
-//! - [`embed`]: the proxy inside another program (the mobile crate): its own runtime, a
-//!   stop handle, totals with the last error, logs to a sink, the doctor's checks.
-//! - [`doctor`]: the step-by-step diagnosis behind `credproxy doctor`.
-//! - [`demo`]: a local stand-in for a gated Immich host and the `demo` command.
-//! - [`error`]: the core error type.
+//!   keyring and in-memory stores, and the auth schemes.
+//! - [`error`]: the core error types; they know nothing of the command line.
+//!
+//! Three small private helpers sit under everything: `sync` (a poison-tolerant lock),
+//! `memory` (handing freed heap pages back to the system) and `utc` (timestamps as text).
 
-pub mod admin;
-pub mod app;
-pub mod auth;
-pub mod body;
-pub mod check;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 pub mod credentials;
-pub mod demo;
-pub mod doctor;
+pub mod diagnose;
 pub mod embed;
 pub mod error;
-pub mod gate;
-pub mod guard;
-pub mod jar;
-pub mod logging;
-pub mod memory;
-pub mod pool;
+mod memory;
+pub mod ops;
 pub mod proxy;
-pub mod server;
-pub mod service;
+pub mod serve;
+mod sync;
 pub mod upstream;
+mod utc;
 
 pub use error::{Error, Result};

@@ -5,10 +5,10 @@ mod common;
 use std::time::Duration;
 
 use common::mock::Mock;
-use credproxy::check::{CheckError, Checker};
 use credproxy::config::ServerUrl;
 use credproxy::credentials::Secret;
-use credproxy::proxy::basic_auth;
+use credproxy::credentials::basic_value;
+use credproxy::diagnose::check::{CheckError, Checker};
 use credproxy::upstream::TlsTrust;
 
 fn checker(url: &str, trust: &TlsTrust) -> Checker {
@@ -26,7 +26,7 @@ fn mock_trust(mock: &Mock) -> TlsTrust {
 #[tokio::test]
 async fn good_credentials_verify() {
     let mock = Mock::start().await;
-    let auth = basic_auth(&mock.username, &Secret::new(mock.password.clone())).into();
+    let auth = basic_value(&mock.username, &Secret::new(mock.password.clone())).into();
     checker(&mock.url(), &mock_trust(&mock))
         .verify_credentials(&mock.username, &auth)
         .await
@@ -36,7 +36,7 @@ async fn good_credentials_verify() {
 #[tokio::test]
 async fn wrong_password_is_named_as_an_authentik_rejection() {
     let mock = Mock::start().await;
-    let auth = basic_auth(&mock.username, &Secret::new("nope".into())).into();
+    let auth = basic_value(&mock.username, &Secret::new("nope".into())).into();
     let err = checker(&mock.url(), &mock_trust(&mock))
         .verify_credentials(&mock.username, &auth)
         .await
@@ -53,7 +53,7 @@ async fn wrong_password_is_named_as_an_authentik_rejection() {
 #[tokio::test]
 async fn unknown_ca_is_named_as_tls() {
     let mock = Mock::start().await;
-    let auth = basic_auth(&mock.username, &Secret::new(mock.password.clone())).into();
+    let auth = basic_value(&mock.username, &Secret::new(mock.password.clone())).into();
     let err = checker(&mock.url(), &TlsTrust::public())
         .verify_credentials(&mock.username, &auth)
         .await
@@ -68,7 +68,7 @@ async fn closed_port_is_named_as_connect() {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let err = checker(&format!("https://127.0.0.1:{port}"), &TlsTrust::public())
-        .verify_credentials("u", &basic_auth("u", &Secret::new("p".into())).into())
+        .verify_credentials("u", &basic_value("u", &Secret::new("p".into())).into())
         .await
         .unwrap_err();
     assert!(matches!(err, CheckError::Connect { .. }), "{err}");
@@ -77,7 +77,7 @@ async fn closed_port_is_named_as_connect() {
 #[tokio::test]
 async fn unresolvable_name_is_named_as_dns() {
     let err = checker("https://no-such-host.invalid", &TlsTrust::public())
-        .verify_credentials("u", &basic_auth("u", &Secret::new("p".into())).into())
+        .verify_credentials("u", &basic_value("u", &Secret::new("p".into())).into())
         .await
         .unwrap_err();
     assert!(matches!(err, CheckError::Dns { .. }), "{err}");
@@ -89,7 +89,7 @@ async fn a_server_that_is_not_immich_is_named_so() {
     mock.state
         .not_immich
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    let auth = basic_auth(&mock.username, &Secret::new(mock.password.clone())).into();
+    let auth = basic_value(&mock.username, &Secret::new(mock.password.clone())).into();
     let err = checker(&mock.url(), &mock_trust(&mock))
         .verify_credentials(&mock.username, &auth)
         .await

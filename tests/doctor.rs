@@ -5,10 +5,10 @@ mod common;
 use std::time::Duration;
 
 use common::mock::Mock;
-use credproxy::check::Checker;
 use credproxy::config::ServerUrl;
 use credproxy::credentials::Secret;
-use credproxy::doctor::{self, Status, Step};
+use credproxy::diagnose::check::Checker;
+use credproxy::diagnose::doctor::{self, Status, Step};
 use credproxy::upstream::TlsTrust;
 
 async fn steps(mock: &Mock, trust: TlsTrust, secret: Option<&str>) -> Vec<Step> {
@@ -21,7 +21,7 @@ async fn steps(mock: &Mock, trust: TlsTrust, secret: Option<&str>) -> Vec<Step> 
     doctor::network_steps(&doctor::Target {
         checker: &checker,
         username: &mock.username,
-        scheme: &credproxy::auth::Scheme::Basic,
+        scheme: &credproxy::credentials::Scheme::Basic,
         secret: secret.as_ref(),
         login_command: "credproxy login --profile test".to_owned(),
     })

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{Mock, get, settings_for};
 use credproxy::Error;
 use credproxy::config::ServerUrl;
-use credproxy::credentials::Secret;
+use credproxy::credentials::{Scheme, Secret};
 use credproxy::embed::{EmbedOptions, Embedded, LogSink};
 use credproxy::proxy::Proxy;
 use http::StatusCode;
@@ -42,7 +42,12 @@ fn start(mock: &Mock, server: Option<ServerUrl>) -> (Embedded, Receiver<String>)
     if let Some(server) = server {
         settings.server = server;
     }
-    let proxy = Proxy::new(settings, &Secret::new(mock.password.clone())).unwrap();
+    let proxy = Proxy::new(
+        settings,
+        &Scheme::Basic,
+        &Secret::new(mock.password.clone()),
+    )
+    .unwrap();
     let (tx, rx) = channel();
     let options = EmbedOptions {
         log: Some(std::sync::Arc::new(Lines(Mutex::new(tx)))),
@@ -121,7 +126,14 @@ fn the_last_error_names_an_unreachable_server() {
 fn local_url_carries_the_local_credential_and_only_loopback_is_served() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mock = runtime.block_on(Mock::start());
-    let proxy = || Proxy::new(settings_for(&mock), &Secret::new(mock.password.clone())).unwrap();
+    let proxy = || {
+        Proxy::new(
+            settings_for(&mock),
+            &Scheme::Basic,
+            &Secret::new(mock.password.clone()),
+        )
+        .unwrap()
+    };
     let mut options = EmbedOptions::default();
     options.server.local_token = Some(Secret::new("local-token-0123456789".into()));
     let embedded = Embedded::start(proxy(), loopback(), options).unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::mock::{self, Mock};
 use common::*;
-use credproxy::server::ServerOptions;
+use credproxy::serve::ServeOptions;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
@@ -217,7 +217,7 @@ async fn a_login_redirect_is_explained_to_the_client_and_logged_once_per_burst()
     let proxy = start_proxy_with(
         settings_for(&mock),
         "stale-password",
-        ServerOptions::default(),
+        ServeOptions::default(),
     )
     .await;
     for _ in 0..10 {

@@ -154,7 +154,7 @@ async fn login_then_serve_then_request_through_the_real_keyring() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(common::json(&body)["res"], "pong");
     let seen = mock.state.last();
-    let expected = credproxy::proxy::basic_auth(
+    let expected = credproxy::credentials::basic_value(
         &mock.username,
         &credproxy::credentials::Secret::new(mock.password.clone()),
     );
@@ -235,7 +235,8 @@ async fn serve_with_a_profile_but_no_stored_secret_names_the_fix() {
     );
     assert!(
         out.stderr.contains(&format!(
-            "credproxy login --profile {profile} --server https://immich.example.com --username svc-laptop"
+            "run `credproxy login --config {} --profile {profile} --server https://immich.example.com --username svc-laptop`",
+            config.display()
         )),
         "{}",
         out.stderr
@@ -423,7 +424,7 @@ async fn one_process_serves_several_profiles_with_an_admin_listener() {
             let (response, _) = common::get(addr, "/api/server/ping").await;
             assert_eq!(response.status(), StatusCode::OK);
         }
-        let expected = credproxy::proxy::basic_auth(
+        let expected = credproxy::credentials::basic_value(
             &mock.username,
             &credproxy::credentials::Secret::new(mock.password.clone()),
         );

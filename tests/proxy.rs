@@ -9,7 +9,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use common::mock::{self, MOCK_HOST, Mock};
 use common::*;
-use credproxy::server::ServerOptions;
+use credproxy::serve::ServeOptions;
 use credproxy::upstream::TlsTrust;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
@@ -222,7 +222,7 @@ async fn unknown_ca_is_a_clear_tls_error_not_a_bypass() {
     let mock = Mock::start().await;
     let mut settings = settings_for(&mock);
     settings.trust = TlsTrust::public();
-    let proxy = start_proxy_with(settings, &mock.password, ServerOptions::default()).await;
+    let proxy = start_proxy_with(settings, &mock.password, ServeOptions::default()).await;
     let (response, body) = get(proxy.addr, "/api/server/ping").await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     let answer = json(&body);
@@ -248,7 +248,7 @@ async fn unreachable_upstream_is_a_prompt_clear_502() {
     let mut settings = settings_for(&mock);
     settings.server =
         credproxy::config::ServerUrl::parse(&format!("https://localhost:{port}")).unwrap();
-    let proxy = start_proxy_with(settings, "pw", ServerOptions::default()).await;
+    let proxy = start_proxy_with(settings, "pw", ServeOptions::default()).await;
     let (response, body) = get(proxy.addr, "/api/server/ping").await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     let answer = json(&body);
@@ -271,7 +271,7 @@ async fn rejected_credentials_become_a_clear_error_and_back_off() {
     let proxy = start_proxy_with(
         settings_for(&mock),
         "wrong-password",
-        ServerOptions::default(),
+        ServeOptions::default(),
     )
     .await;
     let (response, body) = get(proxy.addr, "/api/users/me").await;

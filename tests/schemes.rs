@@ -5,21 +5,20 @@ mod common;
 
 use common::mock::Mock;
 use common::*;
-use credproxy::auth::Scheme;
+use credproxy::credentials::Scheme;
 use credproxy::credentials::Secret;
 use credproxy::proxy::Proxy;
-use credproxy::server::{self, ServerOptions};
+use credproxy::serve::{self, ServeOptions};
 use http::{Request, StatusCode};
 
 async fn start_with_scheme(mock: &Mock, scheme: &Scheme, secret: &str) -> std::net::SocketAddr {
-    let proxy =
-        Proxy::with_scheme(settings_for(mock), scheme, &Secret::new(secret.to_owned())).unwrap();
+    let proxy = Proxy::new(settings_for(mock), scheme, &Secret::new(secret.to_owned())).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(server::run(
+    tokio::spawn(serve::run(
         listener,
         proxy,
-        ServerOptions::default(),
+        ServeOptions::default(),
         std::future::pending(),
     ));
     addr

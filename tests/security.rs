@@ -8,7 +8,7 @@ use bytes::Bytes;
 use common::mock::Mock;
 use common::*;
 use credproxy::credentials::Secret;
-use credproxy::server::ServerOptions;
+use credproxy::serve::ServeOptions;
 use credproxy::upstream::TlsTrust;
 use http::{Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,9 +54,9 @@ async fn dns_rebinding_hosts_are_refused_and_nothing_is_forwarded() {
 #[tokio::test]
 async fn allowed_extra_host_names_are_served() {
     let mock = Mock::start().await;
-    let options = ServerOptions {
+    let options = ServeOptions {
         allow_hosts: vec!["photos.lan".to_owned()],
-        ..ServerOptions::default()
+        ..ServeOptions::default()
     };
     let proxy = start_proxy_with(settings_for(&mock), &mock.password, options).await;
     let host = format!("photos.lan:{}", proxy.addr.port());
@@ -105,9 +105,9 @@ async fn cross_site_requests_are_refused_and_nothing_is_forwarded() {
 async fn the_local_credential_is_required_and_never_forwarded() {
     let mock = Mock::start().await;
     let token = Secret::new("local-token-xyz".to_owned());
-    let options = ServerOptions {
+    let options = ServeOptions {
         local_token: Some(token),
-        ..ServerOptions::default()
+        ..ServeOptions::default()
     };
     let proxy = start_proxy_with(settings_for(&mock), &mock.password, options).await;
     let (response, _) = get(proxy.addr, "/api/server/ping").await;
@@ -155,7 +155,7 @@ async fn the_local_credential_is_required_and_never_forwarded() {
 }
 
 async fn mock_pin(mock: &Mock) -> String {
-    let checker = credproxy::check::Checker::new(
+    let checker = credproxy::diagnose::check::Checker::new(
         credproxy::config::ServerUrl::parse(&mock.url()).unwrap(),
         TlsTrust::public()
             .with_ca_pem(mock.ca_pem.as_bytes())
@@ -175,7 +175,7 @@ async fn a_pinned_key_is_trusted_without_a_ca_and_a_wrong_pin_is_refused() {
     // Pin alone: the self-signed-style certificate is accepted with no CA configured.
     let mut settings = settings_for(&mock);
     settings.trust = TlsTrust::public().with_pin(&pin).unwrap();
-    let proxy = start_proxy_with(settings, &mock.password, ServerOptions::default()).await;
+    let proxy = start_proxy_with(settings, &mock.password, ServeOptions::default()).await;
     let (response, _) = get(proxy.addr, "/api/server/ping").await;
     assert_eq!(response.status(), StatusCode::OK);
 
@@ -187,7 +187,7 @@ async fn a_pinned_key_is_trusted_without_a_ca_and_a_wrong_pin_is_refused() {
         .with_pin("sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=")
         .unwrap();
     let seen_before = mock.state.seen().len();
-    let proxy = start_proxy_with(settings, &mock.password, ServerOptions::default()).await;
+    let proxy = start_proxy_with(settings, &mock.password, ServeOptions::default()).await;
     let (response, body) = get(proxy.addr, "/api/server/ping").await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     let answer = json(&body);
@@ -207,9 +207,9 @@ async fn a_pinned_key_is_trusted_without_a_ca_and_a_wrong_pin_is_refused() {
 #[tokio::test(start_paused = true)]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let mock = Mock::start().await;
-    let options = ServerOptions {
+    let options = ServeOptions {
         header_read_timeout: Duration::from_secs(5),
-        ..ServerOptions::default()
+        ..ServeOptions::default()
     };
     let proxy = start_proxy_with(settings_for(&mock), &mock.password, options).await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
@@ -252,9 +252,9 @@ async fn oversized_headers_are_refused() {
 #[tokio::test]
 async fn connections_beyond_the_limit_get_a_clean_503_and_service_recovers() {
     let mock = Mock::start().await;
-    let options = ServerOptions {
+    let options = ServeOptions {
         max_connections: 2,
-        ..ServerOptions::default()
+        ..ServeOptions::default()
     };
     let proxy = start_proxy_with(settings_for(&mock), &mock.password, options).await;
     // Two held connections, each proven accepted by a completed request.
@@ -311,9 +311,9 @@ async fn a_slow_but_progressing_upload_is_not_cut_by_any_timeout() {
     let mock = Mock::start().await;
     let mut settings = settings_for(&mock);
     settings.idle_timeout = Duration::from_millis(1000);
-    let options = ServerOptions {
+    let options = ServeOptions {
         header_read_timeout: Duration::from_millis(1000),
-        ..ServerOptions::default()
+        ..ServeOptions::default()
     };
     let proxy = start_proxy_with(settings, &mock.password, options).await;
     let mut stream = TcpStream::connect(proxy.addr).await.unwrap();

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use credproxy::service::{self, ServiceSpec};
+use credproxy::cli::service::{self, ServiceSpec};
 
 const EXE: &str = env!("CARGO_BIN_EXE_credproxy");
 

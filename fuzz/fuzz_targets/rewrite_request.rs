@@ -1,4 +1,4 @@
-//! Fuzz target for `credproxy::proxy::rewrite_request`: an arbitrary client request head
+//! Fuzz target for `credproxy::proxy::rewrite::rewrite_request`: an arbitrary client request head
 //! (method, URI, version, headers), gate session cookies, upstream and credentials (any auth
 //! scheme) in; the upstream request head out.
 //!
@@ -30,11 +30,10 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use credproxy::auth::{self, Injection};
+use credproxy::credentials::{self, Injection, Secret};
 use credproxy::config::ServerUrl;
-use credproxy::credentials::Secret;
-use credproxy::gate::SESSION_COOKIE_PREFIX;
-use credproxy::proxy::{IMMICH_USER_TOKEN, RewriteError, Target, rewrite_request};
+use credproxy::proxy::gate::SESSION_COOKIE_PREFIX;
+use credproxy::proxy::rewrite::{IMMICH_USER_TOKEN, RewriteError, Target, rewrite_request};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Scheme;
 use http::{Method, Request, Uri, Version};
@@ -187,10 +186,10 @@ impl Auth {
     fn injection(&self) -> Option<Injection> {
         let (scheme, username, secret) = match self {
             Auth::Basic { username, password } => {
-                (auth::Scheme::Basic, username.as_str(), password.clone())
+                (credentials::Scheme::Basic, username.as_str(), password.clone())
             }
             Auth::CloudflareAccess { id, secret } => (
-                auth::Scheme::CloudflareAccess,
+                credentials::Scheme::CloudflareAccess,
                 "",
                 format!("{id}\n{secret}"),
             ),
@@ -202,7 +201,7 @@ impl Auth {
                     .ok()?;
                 let values: Vec<&str> = pairs.iter().map(|(_, v)| v.as_str()).collect();
                 (
-                    auth::Scheme::new("header", &names).ok()?,
+                    credentials::Scheme::new("header", &names).ok()?,
                     "",
                     values.join("\n"),
                 )

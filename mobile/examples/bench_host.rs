@@ -103,7 +103,7 @@ fn upstream() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let stand_in = credproxy::demo::StandIn::start(listener)?;
+        let stand_in = credproxy::cli::demo::StandIn::start(listener)?;
         std::fs::write(env("BENCH_CA_FILE")?, &stand_in.ca_pem)?;
         println!("{} {}", stand_in.url(), stand_in.password.expose());
         std::io::stdout().flush()?;

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use credproxy::doctor::{Status, Step};
+use credproxy::credentials::Scheme;
+use credproxy::diagnose::doctor::{Status, Step};
 use credproxy::embed;
 
 use crate::config::ProxyConfig;
@@ -19,8 +20,13 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(15);
 pub fn check(config: ProxyConfig) -> Result<Vec<CheckResult>, MobileError> {
     let settings = config.settings()?;
     let password = config.password(&settings)?;
-    let fix = config.fix_credentials_hint();
-    let steps = embed::check(&settings, &password, fix, STEP_TIMEOUT, logging::sink())?;
+    let steps = embed::check(
+        &settings,
+        &Scheme::Basic,
+        &password,
+        STEP_TIMEOUT,
+        logging::sink(),
+    )?;
     Ok(steps.into_iter().map(CheckResult::from).collect())
 }
 

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use credproxy::config::{self, ServerUrl};
-use credproxy::credentials::Secret;
+use credproxy::Error;
+use credproxy::config::{self, CaCert, Profile, ServerUrl};
+use credproxy::credentials::{Scheme, Secret};
 use credproxy::proxy::ProxySettings;
-use credproxy::upstream::{ClientOptions, TlsTrust};
 
 use crate::credentials::{self, CredentialProvider};
 use crate::error::MobileError;
@@ -66,34 +66,41 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
-    /// Validates the configuration into the core's settings.
+    /// Validates the configuration into the core's profile and proxy settings.
     pub(crate) fn settings(&self) -> Result<ProxySettings, MobileError> {
-        let invalid = |what: &str, reason: String| MobileError::InvalidConfig {
-            detail: format!("{what} cannot be used: {reason}"),
-        };
-        let mut trust = TlsTrust::public();
-        if let Some(pem) = non_empty(&self.ca_pem) {
-            trust = trust
-                .with_ca_pem(pem.as_bytes())
-                .map_err(|reason| invalid("ca_pem", reason))?;
-        }
-        if let Some(pin) = non_empty(&self.pin) {
-            trust = trust
-                .with_pin(pin)
-                .map_err(|reason| invalid("pin", reason))?;
-        }
-        let profile = match &self.credentials {
-            Credentials::Provider { .. } => APP_PROFILE.to_owned(),
-            Credentials::Keyring { profile } => config::validate_profile_name(profile)?,
-        };
-        Ok(ProxySettings {
-            profile,
+        let profile = Profile {
+            name: match &self.credentials {
+                Credentials::Provider { .. } => APP_PROFILE.to_owned(),
+                Credentials::Keyring { profile } => config::validate_profile_name(profile)?,
+            },
             server: ServerUrl::parse(&self.server_url)?,
             username: config::validate_username(&self.username)?,
-            trust,
-            client: ClientOptions::default(),
-            idle_timeout: IDLE_TIMEOUT,
-        })
+            auth: Scheme::Basic,
+            listen: config::DEFAULT_LISTEN,
+            ca_cert: non_empty(&self.ca_pem).map(|pem| CaCert::Pem(pem.to_owned())),
+            pins: non_empty(&self.pin)
+                .map(config::validate_pin)
+                .transpose()?
+                .into_iter()
+                .collect(),
+            local_auth: self.local_auth,
+            allow_hosts: Vec::new(),
+        };
+        let mut settings = ProxySettings::for_profile(&profile, self.fix_credentials_hint())
+            .map_err(|err| match err {
+                // Named as the app knows them.
+                Error::Invalid { what, reason } if what == "CA certificate" || what == "pin" => {
+                    MobileError::InvalidConfig {
+                        detail: format!(
+                            "{} cannot be used: {reason}",
+                            if what == "pin" { "pin" } else { "ca_pem" }
+                        ),
+                    }
+                }
+                other => other.into(),
+            })?;
+        settings.idle_timeout = IDLE_TIMEOUT;
+        Ok(settings)
     }
 
     /// The local credential clients must present, or none when `local_auth` is off.

@@ -1,7 +1,7 @@
 //! Where the app password comes from: a provider the app implements (reading Android Keystore
 //! or the iOS Keychain itself), or the platform keyring store by profile.
 
-use credproxy::credentials::{CredentialStore, Secret, local_token_account};
+use credproxy::credentials::{self, CredentialStore, Secret};
 
 use crate::error::MobileError;
 
@@ -28,21 +28,12 @@ pub fn save_app_password(profile: String, password: String) -> Result<(), Mobile
 #[uniffi::export]
 pub fn delete_app_password(profile: String) -> Result<bool, MobileError> {
     let profile = credproxy::config::validate_profile_name(&profile)?;
-    let store = platform::store()?;
-    store.delete(&local_token_account(&profile))?;
-    Ok(store.delete(&profile)?)
+    Ok(credentials::delete_profile(&platform::store()?, &profile)?)
 }
 
 /// The local credential kept in the keyring for `profile`, made and stored on first use.
 pub(crate) fn keyring_local_token(profile: &str) -> Result<Secret, MobileError> {
-    let store = platform::store()?;
-    let account = local_token_account(profile);
-    if let Some(token) = store.get(&account)?.filter(|t| !t.is_empty()) {
-        return Ok(token);
-    }
-    let token = Secret::random();
-    store.set(&account, &token)?;
-    Ok(token)
+    Ok(credentials::local_token(&platform::store()?, profile)?)
 }
 
 /// Reads the app password of `profile` from the platform keyring store.

@@ -49,9 +49,7 @@ impl From<Error> for MobileError {
             Error::Listen { .. } | Error::NonLoopback { .. } => Self::Listen {
                 detail: with_source(&err),
             },
-            Error::Store(_) | Error::MissingSecret { .. } | Error::Password(_) => {
-                Self::Credentials { detail }
-            }
+            Error::Store(_) | Error::MissingSecret { .. } => Self::Credentials { detail },
             _ => Self::Failed { detail },
         }
     }

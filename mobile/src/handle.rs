@@ -3,6 +3,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use credproxy::credentials::Scheme;
 use credproxy::embed::{EmbedOptions, Embedded, Snapshot};
 use credproxy::proxy::Proxy;
 
@@ -20,7 +21,7 @@ pub fn start_proxy(config: ProxyConfig) -> Result<Arc<ProxyHandle>, MobileError>
         ..EmbedOptions::default()
     };
     options.server.local_token = config.local_token(&settings)?;
-    let proxy = Proxy::new(settings, &password)?;
+    let proxy = Proxy::new(settings, &Scheme::Basic, &password)?;
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
     let inner = Embedded::start(proxy, listen, options)?;
     Ok(Arc::new(ProxyHandle { inner }))

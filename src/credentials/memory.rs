@@ -18,8 +18,7 @@ impl MemoryStore {
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Secret>> {
-        // A poisoned lock only means another thread panicked mid-insert; the map is still whole.
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.entries)
     }
 }
 

@@ -1,12 +1,20 @@
-//! Where secrets live: a small store trait, the OS keyring behind it, and an in-memory store.
+//! Where secrets live and what they become: a small store trait, the OS keyring behind it, an
+//! in-memory store, the [`Secret`] type, and the auth schemes that turn a stored secret into
+//! the headers a gate wants.
+//!
+//! Owns: [`CredentialStore`] and its keyring and memory stores, the keyring accounts a
+//! profile uses, the local client credential, and [`Scheme`]/[`Injection`].
 
 mod keyring;
 mod memory;
+mod scheme;
 mod secret;
 
 pub use self::keyring::KeyringStore;
 pub use self::memory::MemoryStore;
+pub use self::scheme::{CF_ACCESS_HEADERS, Injection, Scheme, basic_value};
 pub use self::secret::Secret;
+pub use crate::error::StoreError;
 
 /// The keyring service name every credproxy entry is filed under.
 pub const SERVICE: &str = "credproxy";
@@ -15,22 +23,6 @@ pub const SERVICE: &str = "credproxy";
 /// profile names cannot contain ':', so it never clashes with a profile's own entry.
 pub fn local_token_account(profile: &str) -> String {
     format!("local-auth:{profile}")
-}
-
-/// Why a credential store could not do what was asked.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// No keyring service could be reached at all.
-    #[error("the OS keyring is not reachable ({detail}); {hint}")]
-    Unavailable {
-        /// What the platform said, free of secrets.
-        detail: String,
-        /// What the user can do about it on this platform.
-        hint: &'static str,
-    },
-    /// The keyring answered but refused or failed the operation.
-    #[error("the OS keyring failed: {0}")]
-    Failed(String),
 }
 
 /// A place that keeps one secret per profile.
@@ -43,4 +35,42 @@ pub trait CredentialStore: Send + Sync {
     fn set(&self, profile: &str, secret: &Secret) -> Result<(), StoreError>;
     /// Removes the secret for `profile`; returns whether one existed.
     fn delete(&self, profile: &str) -> Result<bool, StoreError>;
+}
+
+/// The local client credential of `profile` (what `serve --local-auth` and an app's
+/// `local_auth` require from clients), made and stored on first use.
+pub fn local_token(store: &dyn CredentialStore, profile: &str) -> Result<Secret, StoreError> {
+    let account = local_token_account(profile);
+    if let Some(token) = store.get(&account)?.filter(|token| !token.is_empty()) {
+        return Ok(token);
+    }
+    let token = Secret::random();
+    store.set(&account, &token)?;
+    Ok(token)
+}
+
+/// Removes every secret of `profile` (its credentials and its local client credential);
+/// returns whether its credentials existed.
+pub fn delete_profile(store: &dyn CredentialStore, profile: &str) -> Result<bool, StoreError> {
+    store.delete(&local_token_account(profile))?;
+    store.delete(profile)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_token_is_made_once_and_deleted_with_the_profile() {
+        let store = MemoryStore::new();
+        store.set("home", &Secret::new("pw".into())).unwrap();
+        let first = local_token(&store, "home").unwrap();
+        assert_eq!(first.expose().len(), 32, "24 random bytes in base64url");
+        assert_eq!(local_token(&store, "home").unwrap(), first);
+        assert!(delete_profile(&store, "home").unwrap());
+        assert!(store.get(&local_token_account("home")).unwrap().is_none());
+        assert!(store.get("home").unwrap().is_none());
+        assert!(!delete_profile(&store, "home").unwrap());
+        assert_ne!(local_token(&store, "home").unwrap(), first);
+    }
 }

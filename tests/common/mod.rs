@@ -15,11 +15,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use credproxy::config::ServerUrl;
-use credproxy::credentials::Secret;
+use credproxy::config::{self, CaCert, Profile, ServerUrl};
+use credproxy::credentials::{Scheme, Secret};
 use credproxy::proxy::{Proxy, ProxySettings};
-use credproxy::server::{self, ServerOptions};
-use credproxy::upstream::{ClientOptions, TlsTrust};
+use credproxy::serve::{self, ServeOptions};
 
 pub use mock::Mock;
 
@@ -46,35 +45,45 @@ impl Drop for RunningProxy {
     }
 }
 
-/// Settings for a proxy in front of `mock`, trusting the mock's CA.
-pub fn settings_for(mock: &Mock) -> ProxySettings {
-    ProxySettings {
-        profile: "test".to_owned(),
+/// A profile for `mock`: its URL and service account, trusting its CA.
+pub fn profile_for(mock: &Mock) -> Profile {
+    Profile {
+        name: "test".to_owned(),
         server: ServerUrl::parse(&mock.url()).unwrap(),
         username: mock.username.clone(),
-        trust: TlsTrust::public()
-            .with_ca_pem(mock.ca_pem.as_bytes())
-            .unwrap(),
-        client: ClientOptions::default(),
-        idle_timeout: Duration::from_secs(60),
+        auth: Scheme::Basic,
+        listen: config::DEFAULT_LISTEN,
+        ca_cert: Some(CaCert::Pem(mock.ca_pem.clone())),
+        pins: Vec::new(),
+        local_auth: false,
+        allow_hosts: Vec::new(),
     }
+}
+
+/// Settings for a proxy in front of `mock`, trusting the mock's CA; the fix for rejected
+/// credentials is the profile's `credproxy login` command.
+pub fn settings_for(mock: &Mock) -> ProxySettings {
+    let profile = profile_for(mock);
+    let mut settings = ProxySettings::for_profile(&profile, profile.login_command(None)).unwrap();
+    settings.idle_timeout = Duration::from_secs(60);
+    settings
 }
 
 /// Starts a proxy with the mock's right password.
 pub async fn start_proxy(mock: &Mock) -> RunningProxy {
-    start_proxy_with(settings_for(mock), &mock.password, ServerOptions::default()).await
+    start_proxy_with(settings_for(mock), &mock.password, ServeOptions::default()).await
 }
 
 pub async fn start_proxy_with(
     settings: ProxySettings,
     password: &str,
-    options: ServerOptions,
+    options: ServeOptions,
 ) -> RunningProxy {
-    let proxy = Proxy::new(settings, &Secret::new(password.to_owned())).unwrap();
+    let proxy = Proxy::new(settings, &Scheme::Basic, &Secret::new(password.to_owned())).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server::run(listener, proxy.clone(), options, async move {
+    let task = tokio::spawn(serve::run(listener, proxy.clone(), options, async move {
         let _ = stopped.await;
     }));
     RunningProxy {

@@ -1,5 +1,5 @@
 //! Streaming bodies: a pass-through wrapper that counts bytes, enforces an idle timeout, and
-//! the per-exchange record (log line, totals) it counts into.
+//! the per-exchange record (access log line, totals) it counts into.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,135 +12,17 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-/// The error type bodies carry through the proxy.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::upstream::BoxError;
+
+use super::stats::Stats;
+
+/// The `tracing` target of the per-request access line.
+pub const ACCESS_TARGET: &str = "credproxy::access";
 
 /// A body stream stalled for longer than the idle timeout.
 #[derive(Debug, thiserror::Error)]
 #[error("no data moved for {0:?}; giving up on this transfer")]
 pub struct IdleTimeout(pub Duration);
-
-/// Totals across exchanges: one server thread's share (see [`StatsShards`]) or, from
-/// [`StatsShards::total`], a reading of all of them.
-///
-/// Aligned to its own cache lines: two threads' counters never share one.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub struct Stats {
-    /// Requests answered (including the proxy's own error answers).
-    pub requests: AtomicU64,
-    /// Body bytes from clients to the upstream.
-    pub bytes_up: AtomicU64,
-    /// Body bytes from the upstream to clients.
-    pub bytes_down: AtomicU64,
-    /// Requests that failed to reach the upstream (DNS, connect, TLS, timeouts, resets).
-    pub upstream_errors: AtomicU64,
-    /// Requests answered with the rejected-credentials error (gate rejections and back-off).
-    pub auth_rejections: AtomicU64,
-    /// How long whole exchanges took, head to last byte.
-    pub latency: Histogram,
-}
-
-impl Stats {
-    /// Adds `other`'s counts to these.
-    fn absorb(&self, other: &Stats) {
-        let add = |into: &AtomicU64, from: &AtomicU64| {
-            into.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
-        };
-        add(&self.requests, &other.requests);
-        add(&self.bytes_up, &other.bytes_up);
-        add(&self.bytes_down, &other.bytes_down);
-        add(&self.upstream_errors, &other.upstream_errors);
-        add(&self.auth_rejections, &other.auth_rejections);
-        for (into, from) in self.latency.buckets.iter().zip(&other.latency.buckets) {
-            add(into, from);
-        }
-        add(&self.latency.sum_micros, &other.latency.sum_micros);
-    }
-}
-
-/// The statistics of one proxy, kept per server thread and summed when read.
-///
-/// Each thread's requests count into its own [`Stats`]: a shared set of counters would move
-/// its cache lines between cores on every request, which a proxy that shares nothing per
-/// request (as nginx's workers do) never pays.
-#[derive(Debug, Default)]
-pub struct StatsShards {
-    /// Counters for the rare paths that have no thread's share at hand.
-    base: Arc<Stats>,
-    shards: std::sync::Mutex<Vec<Arc<Stats>>>,
-}
-
-impl StatsShards {
-    /// A new share, counted in every later [`StatsShards::total`].
-    pub fn shard(&self) -> Arc<Stats> {
-        let shard = Arc::new(Stats::default());
-        self.shards
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(shard.clone());
-        shard
-    }
-
-    /// The counters for the rare paths.
-    pub fn base(&self) -> &Stats {
-        &self.base
-    }
-
-    /// Every share added up.
-    pub fn total(&self) -> Stats {
-        let total = Stats::default();
-        total.absorb(&self.base);
-        for shard in self.shards.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            total.absorb(shard);
-        }
-        total
-    }
-}
-
-/// Upper bounds (seconds) of the latency histogram's buckets.
-pub const LATENCY_BOUNDS: [f64; 14] = [
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0, 3600.0,
-];
-
-/// A fixed-bucket histogram of durations, lock-free.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Counts per bucket (not cumulative); the last slot counts what exceeds every bound.
-    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one duration.
-    pub fn record(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        let slot = LATENCY_BOUNDS
-            .iter()
-            .position(|bound| secs <= *bound)
-            .unwrap_or(LATENCY_BOUNDS.len());
-        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// Cumulative counts per bound (Prometheus `le` buckets), then the total count.
-    pub fn cumulative(&self) -> (Vec<u64>, u64) {
-        let mut running = 0;
-        let mut out = Vec::with_capacity(LATENCY_BOUNDS.len());
-        for bucket in &self.buckets[..LATENCY_BOUNDS.len()] {
-            running += bucket.load(Ordering::Relaxed);
-            out.push(running);
-        }
-        let total = running + self.buckets[LATENCY_BOUNDS.len()].load(Ordering::Relaxed);
-        (out, total)
-    }
-
-    /// The sum of all recorded durations, in seconds.
-    pub fn sum_seconds(&self) -> f64 {
-        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-    }
-}
 
 /// One request/response exchange: counts its body bytes and writes its log line when done.
 ///
@@ -194,12 +76,13 @@ impl Drop for Exchange {
         self.stats.bytes_down.fetch_add(down, Ordering::Relaxed);
         let elapsed = self.start.elapsed();
         self.stats.latency.record(elapsed);
-        crate::logging::access(
-            &self.method,
+        // Only the path: queries can carry share keys.
+        tracing::info!(
+            target: ACCESS_TARGET,
+            "method={} path={} status={} up={up} down={down} ms={}",
+            self.method,
             self.uri.path(),
-            *self.status.get_mut(),
-            up,
-            down,
+            self.status.get_mut(),
             elapsed.as_millis(),
         );
     }
@@ -331,40 +214,6 @@ pub type ResponseBody = http_body_util::Either<Tracked<hyper::body::Incoming>, F
 mod tests {
     use super::*;
 
-    #[test]
-    fn stats_of_every_shard_and_the_base_add_up() {
-        let shards = StatsShards::default();
-        let (a, b) = (shards.shard(), shards.shard());
-        a.requests.fetch_add(2, Ordering::Relaxed);
-        b.requests.fetch_add(3, Ordering::Relaxed);
-        a.bytes_up.fetch_add(10, Ordering::Relaxed);
-        b.bytes_down.fetch_add(20, Ordering::Relaxed);
-        shards
-            .base()
-            .upstream_errors
-            .fetch_add(1, Ordering::Relaxed);
-        shards
-            .base()
-            .auth_rejections
-            .fetch_add(4, Ordering::Relaxed);
-        a.latency.record(Duration::from_micros(500));
-        b.latency.record(Duration::from_secs(2));
-        let total = shards.total();
-        assert_eq!(total.requests.load(Ordering::Relaxed), 5);
-        assert_eq!(total.bytes_up.load(Ordering::Relaxed), 10);
-        assert_eq!(total.bytes_down.load(Ordering::Relaxed), 20);
-        assert_eq!(total.upstream_errors.load(Ordering::Relaxed), 1);
-        assert_eq!(total.auth_rejections.load(Ordering::Relaxed), 4);
-        let (cumulative, count) = total.latency.cumulative();
-        assert_eq!(count, 2);
-        assert_eq!(cumulative[0], 1, "{cumulative:?}");
-        assert!((total.latency.sum_seconds() - 2.0005).abs() < 1e-9);
-        // A reading is a copy: later counts show in the next one.
-        a.requests.fetch_add(1, Ordering::Relaxed);
-        assert_eq!(total.requests.load(Ordering::Relaxed), 5);
-        assert_eq!(shards.total().requests.load(Ordering::Relaxed), 6);
-        assert_eq!(std::mem::align_of::<Stats>(), 128);
-    }
     use http_body_util::{BodyExt, StreamBody};
 
     #[tokio::test(start_paused = true)]

@@ -21,18 +21,28 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower_service::Service as _;
 
-use crate::body::{BoxError, Tracked};
+use super::Connector;
+use crate::sync::lock;
 
-/// The body of a request sent upstream.
-pub type UpstreamBody = Tracked<Incoming>;
+/// The error type of the bodies and connections of the upstream client.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-type Sender = http1::SendRequest<UpstreamBody>;
+/// What a request body sent upstream must be (the proxy sends the client's body, wrapped).
+pub trait UpstreamBody:
+    hyper::body::Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static
+{
+}
+
+impl<B> UpstreamBody for B where
+    B: hyper::body::Body<Data = bytes::Bytes, Error = BoxError> + Send + 'static
+{
+}
+
+type Sender<B> = http1::SendRequest<B>;
 /// A connection's driver: reads and writes until the connection closes or is upgraded.
 type Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 
@@ -46,7 +56,7 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// The underlying error, for [`crate::upstream::describe_failure`].
+    /// The underlying error, for [`super::describe_failure`].
     pub fn as_error(&self) -> &(dyn std::error::Error + 'static) {
         match self {
             Self::Connect(err) => &**err,
@@ -61,38 +71,40 @@ impl std::fmt::Display for SendError {
     }
 }
 
-/// Idle upstream connections of one server thread (or of one runtime), ready for reuse.
-#[derive(Clone)]
-pub struct Pool {
-    inner: Arc<PoolInner>,
+/// Idle upstream connections of one proxy, ready for reuse.
+pub struct Pool<B> {
+    inner: Arc<PoolInner<B>>,
 }
 
-struct PoolInner {
-    connector: HttpsConnector<HttpConnector>,
+struct PoolInner<B> {
+    connector: Connector,
     origin: Uri,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<VecDeque<Idle>>,
+    idle: Mutex<VecDeque<Idle<B>>>,
     /// Wakes the reaper when the pool gains its first idle connection (or is dropped).
     wake: Arc<Notify>,
     reaper: std::sync::Once,
 }
 
-struct Idle {
-    sender: Sender,
+struct Idle<B> {
+    sender: Sender<B>,
     conn: Conn,
     since: Instant,
 }
 
-impl Pool {
+impl<B> Clone for Pool<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<B: UpstreamBody> Pool<B> {
     /// A pool of connections to `origin` (`https://host:port`) made with `connector`; at most
     /// `max_idle` idle connections are kept, each for at most `idle_timeout`.
-    pub fn new(
-        connector: HttpsConnector<HttpConnector>,
-        origin: Uri,
-        idle_timeout: Duration,
-        max_idle: usize,
-    ) -> Self {
+    pub fn new(connector: Connector, origin: Uri, idle_timeout: Duration, max_idle: usize) -> Self {
         Self {
             inner: Arc::new(PoolInner {
                 connector,
@@ -107,7 +119,7 @@ impl Pool {
     }
 
     /// A lane for one client connection; nothing is connected until the first request.
-    pub fn lane(&self) -> Lane {
+    pub fn lane(&self) -> Lane<B> {
         Lane {
             pool: self.inner.clone(),
             slot: Mutex::new(Slot::default()),
@@ -120,9 +132,9 @@ impl Pool {
     }
 }
 
-impl PoolInner {
+impl<B: UpstreamBody> PoolInner<B> {
     /// The most recently used idle connection that is still open, if any.
-    fn take_idle(&self) -> Option<(Sender, Conn)> {
+    fn take_idle(&self) -> Option<(Sender<B>, Conn)> {
         loop {
             let mut idle = lock(&self.idle).pop_back()?;
             if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
@@ -140,7 +152,7 @@ impl PoolInner {
     }
 
     /// Opens a new connection (TCP, TLS) and starts HTTP/1.1 on it.
-    async fn connect(&self) -> Result<(Sender, Conn), SendError> {
+    async fn connect(&self) -> Result<(Sender<B>, Conn), SendError> {
         let io = self
             .connector
             .clone()
@@ -154,7 +166,7 @@ impl PoolInner {
         Ok((sender, Box::pin(conn.with_upgrades())))
     }
 
-    fn park(self: &Arc<Self>, sender: Sender, conn: Conn) {
+    fn park(self: &Arc<Self>, sender: Sender<B>, conn: Conn) {
         if self.max_idle == 0 {
             return;
         }
@@ -178,7 +190,7 @@ impl PoolInner {
     }
 }
 
-impl Drop for PoolInner {
+impl<B> Drop for PoolInner<B> {
     fn drop(&mut self) {
         // Lets the reaper see that the pool is gone and end.
         self.wake.notify_one();
@@ -187,7 +199,7 @@ impl Drop for PoolInner {
 
 /// Closes idle connections once they have been idle for the timeout; sleeps while there
 /// are none, and ends with the pool.
-async fn reap(pool: Weak<PoolInner>, wake: Arc<Notify>) {
+async fn reap<B: UpstreamBody>(pool: Weak<PoolInner<B>>, wake: Arc<Notify>) {
     loop {
         let next = {
             let Some(pool) = pool.upgrade() else { return };
@@ -205,7 +217,7 @@ async fn reap(pool: Weak<PoolInner>, wake: Arc<Notify>) {
             Some(deadline) => tokio::time::sleep_until(deadline).await,
             None => {
                 // Nothing idle is left: give the connections' buffers back to the system.
-                crate::memory::release_free_memory();
+                crate::memory::trim();
                 wake.notified().await;
             }
         }
@@ -213,25 +225,34 @@ async fn reap(pool: Weak<PoolInner>, wake: Arc<Notify>) {
 }
 
 /// The upstream connection of one client connection.
-pub struct Lane {
-    pool: Arc<PoolInner>,
-    slot: Mutex<Slot>,
+pub struct Lane<B> {
+    pool: Arc<PoolInner<B>>,
+    slot: Mutex<Slot<B>>,
 }
 
-#[derive(Default)]
-struct Slot {
+struct Slot<B> {
     /// The connection's sender while no request is in flight on it.
-    sender: Option<Sender>,
+    sender: Option<Sender<B>>,
     /// The connection being driven; `None` before the first request and after it closed.
     conn: Option<Conn>,
     /// The client connection's task, woken when a new connection needs its first poll.
     waker: Option<Waker>,
 }
 
-impl Lane {
+impl<B> Default for Slot<B> {
+    fn default() -> Self {
+        Self {
+            sender: None,
+            conn: None,
+            waker: None,
+        }
+    }
+}
+
+impl<B: UpstreamBody> Lane<B> {
     /// Sends `req` upstream (its URI absolute or origin-form; sent in origin-form) and waits
     /// for the response head. The connection must be driven by [`Lane::drive`] meanwhile.
-    pub async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(&self, req: Request<B>) -> Result<Response<Incoming>, SendError> {
         let mut req = origin_form(req);
         loop {
             let (mut sender, reused) = match self.take_sender() {
@@ -303,7 +324,7 @@ impl Lane {
         }
     }
 
-    fn take_sender(&self) -> Option<Sender> {
+    fn take_sender(&self) -> Option<Sender<B>> {
         let mut slot = lock(&self.slot);
         if slot.conn.is_none() {
             slot.sender = None;
@@ -311,7 +332,7 @@ impl Lane {
         slot.sender.take()
     }
 
-    fn install(&self, sender: Sender, conn: Conn) -> Sender {
+    fn install(&self, sender: Sender<B>, conn: Conn) -> Sender<B> {
         let mut slot = lock(&self.slot);
         slot.conn = Some(conn);
         slot.sender = None;
@@ -367,10 +388,4 @@ pub fn origin(authority: &http::uri::Authority) -> Uri {
         .path_and_query("/")
         .build()
         .expect("an authority and a static path make a URI")
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section here only moves values in and out: a panic cannot leave them
-    // half-written.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

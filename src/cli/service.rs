@@ -1,16 +1,19 @@
-//! Running `credproxy serve` at logon: systemd user units on Linux, launchd agents on macOS.
+//! `credproxy service`: running `credproxy serve` at logon, as a systemd user unit on Linux or
+//! a launchd agent on macOS.
 //!
 //! The unit and plist texts come from pure functions; installing, removing and querying go
 //! through a [`Runner`] so tests drive them with a fake and never call the real managers.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::config;
-use crate::error::{Error, Result};
+use super::args::ServiceAction;
+use super::{CliError, Result};
+use crate::config::{self, ConfigStore};
+use crate::error::Error;
 
 /// How long one `systemctl`/`launchctl` call may take before credproxy stops waiting for it.
 pub const MANAGER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -52,7 +55,7 @@ impl ServiceSpec {
 }
 
 fn service_path(what: &'static str, path: &Path) -> Result<String> {
-    let invalid = |reason: String| Error::Invalid { what, reason };
+    let invalid = |reason: String| CliError::from(Error::Invalid { what, reason });
     if !path.is_absolute() {
         return Err(invalid(format!("{} is not absolute", path.display())));
     }
@@ -147,57 +150,32 @@ pub fn launchd_label(profile: &str) -> String {
     format!("credproxy.{profile}")
 }
 
-fn xml_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// The launchd agent plist that runs the profile's proxy at login, restarts it when it exits
 /// with an error, and sends its output to `log_file`.
 pub fn launchd_plist(spec: &ServiceSpec, log_file: &str) -> String {
-    let arguments: String = spec
-        .command_line()
-        .iter()
-        .map(|word| format!("\t\t<string>{}</string>\n", xml_escape(word)))
-        .collect();
-    let label = xml_escape(&launchd_label(&spec.profile));
-    let log = xml_escape(log_file);
-    format!(
-        "\
-<?xml version=\"1.0\" encoding=\"UTF-8\"?>
-<!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">
-<plist version=\"1.0\">
-<dict>
-\t<key>Label</key>
-\t<string>{label}</string>
-\t<key>ProgramArguments</key>
-\t<array>
-{arguments}\t</array>
-\t<key>RunAtLoad</key>
-\t<true/>
-\t<key>KeepAlive</key>
-\t<dict>
-\t\t<key>SuccessfulExit</key>
-\t\t<false/>
-\t</dict>
-\t<key>StandardOutPath</key>
-\t<string>{log}</string>
-\t<key>StandardErrorPath</key>
-\t<string>{log}</string>
-</dict>
-</plist>
-"
-    )
+    use plist::{Dictionary, Value};
+    let mut keep_alive = Dictionary::new();
+    // Restarted after an unsuccessful exit only: a clean stop stays stopped.
+    keep_alive.insert("SuccessfulExit".into(), Value::Boolean(false));
+    let mut agent = Dictionary::new();
+    agent.insert("Label".into(), launchd_label(&spec.profile).into());
+    agent.insert(
+        "ProgramArguments".into(),
+        Value::Array(
+            spec.command_line()
+                .iter()
+                .map(|word| Value::from(*word))
+                .collect(),
+        ),
+    );
+    agent.insert("RunAtLoad".into(), Value::Boolean(true));
+    agent.insert("KeepAlive".into(), keep_alive.into());
+    agent.insert("StandardOutPath".into(), log_file.into());
+    agent.insert("StandardErrorPath".into(), log_file.into());
+    let mut xml = Vec::new();
+    plist::to_writer_xml(&mut xml, &Value::Dictionary(agent))
+        .expect("a dictionary of strings and booleans serialises to memory");
+    String::from_utf8(xml).expect("an XML plist of UTF-8 strings is UTF-8")
 }
 
 /// What one call to a service manager's program printed and how it ended.
@@ -342,7 +320,7 @@ fn file_state(path: &Path, expected: &str) -> Result<FileState> {
         Ok(text) if text == expected => Ok(FileState::Current),
         Ok(_) => Ok(FileState::Stale),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(FileState::Missing),
-        Err(source) => Err(Error::ServiceFile {
+        Err(source) => Err(CliError::ServiceFile {
             action: "read",
             path: path.to_owned(),
             source,
@@ -351,7 +329,7 @@ fn file_state(path: &Path, expected: &str) -> Result<FileState> {
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
-    let file_error = |action, source| Error::ServiceFile {
+    let file_error = |action, source| CliError::ServiceFile {
         action,
         path: path.to_owned(),
         source,
@@ -367,7 +345,7 @@ fn remove_file(path: &Path) -> Result<bool> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(Error::ServiceFile {
+        Err(source) => Err(CliError::ServiceFile {
             action: "remove",
             path: path.to_owned(),
             source,
@@ -421,7 +399,7 @@ impl<'a> Systemd<'a> {
         let steps: [&[&str]; 3] = [&["daemon-reload"], &["enable", &name], &["restart", &name]];
         for step in steps {
             self.systemctl(step)
-                .map_err(|detail| Error::ServiceManager {
+                .map_err(|detail| CliError::ServiceManager {
                     done: format!("wrote {}", path.display()),
                     command: format!("systemctl --user {}", step.join(" ")),
                     detail,
@@ -447,7 +425,7 @@ impl<'a> Systemd<'a> {
         let had_file = path.exists();
         let stopped = self.systemctl(&["disable", "--now", &name]);
         if !had_file && stopped.is_err() {
-            return Err(Error::ServiceNotInstalled {
+            return Err(CliError::ServiceNotInstalled {
                 profile: profile.to_owned(),
                 path,
             });
@@ -511,7 +489,7 @@ impl<'a> Launchd<'a> {
         let uid = call(runner, "id", &["-u"])
             .ok()
             .and_then(|ran| first_line(&ran.stdout))
-            .ok_or_else(|| Error::ServiceManager {
+            .ok_or_else(|| CliError::ServiceManager {
                 done: "nothing changed".to_owned(),
                 command: "id -u".to_owned(),
                 detail: "no user id".to_owned(),
@@ -536,7 +514,7 @@ impl<'a> Launchd<'a> {
     pub fn install(&self, spec: &ServiceSpec) -> Result<Installed> {
         let (label, path, log) = self.paths(&spec.profile);
         let log_text = service_path("log file path", &log)?;
-        std::fs::create_dir_all(&self.logs_dir).map_err(|source| Error::ServiceFile {
+        std::fs::create_dir_all(&self.logs_dir).map_err(|source| CliError::ServiceFile {
             action: "create the log directory for",
             path: log.clone(),
             source,
@@ -551,7 +529,7 @@ impl<'a> Launchd<'a> {
         );
         let plist = path.to_string_lossy();
         call(self.runner, "launchctl", &["bootstrap", &domain, &plist]).map_err(|detail| {
-            Error::ServiceManager {
+            CliError::ServiceManager {
                 done: format!("wrote {}", path.display()),
                 command: format!("launchctl bootstrap {domain} {plist}"),
                 detail,
@@ -573,7 +551,7 @@ impl<'a> Launchd<'a> {
         let target = format!("gui/{}/{label}", self.uid);
         let unloaded = call(self.runner, "launchctl", &["bootout", &target]);
         if !remove_file(&path)? && unloaded.is_err() {
-            return Err(Error::ServiceNotInstalled {
+            return Err(CliError::ServiceNotInstalled {
                 profile: profile.to_owned(),
                 path,
             });
@@ -670,9 +648,92 @@ fn platform<T>(op: impl FnOnce(&dyn Manager) -> Result<T>) -> Result<T> {
 
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn platform<T>(_op: impl FnOnce(&dyn Manager) -> Result<T>) -> Result<T> {
-    Err(Error::ServiceUnsupported {
+    Err(CliError::ServiceUnsupported {
         os: std::env::consts::OS,
     })
+}
+
+/// The service definition for a profile: this executable, this config file, both absolute.
+fn service_spec(config: &ConfigStore, profile: &str) -> Result<ServiceSpec> {
+    let exe = std::env::current_exe().map_err(|e| Error::Invalid {
+        what: "executable path",
+        reason: format!("cannot find this program's own path: {e}"),
+    })?;
+    let config_path = std::path::absolute(config.path()).map_err(|e| Error::Invalid {
+        what: "config file path",
+        reason: format!("{}: {e}", config.path().display()),
+    })?;
+    ServiceSpec::new(profile, &exe, &config_path)
+}
+
+/// `service install|uninstall|status`: the profile's proxy as a service started at logon.
+pub fn run(config: &ConfigStore, action: ServiceAction) -> Result<()> {
+    match action {
+        ServiceAction::Install(args) => {
+            let name = config::validate_profile_name(&args.profile)?;
+            // A service for a profile that does not exist would only fail at every start.
+            config.profile(&name)?;
+            let installed = install(&service_spec(config, &name)?)?;
+            eprintln!(
+                "credproxy: installed and started {} ({}); it starts at every logon; logs: {}",
+                installed.name,
+                installed.path.display(),
+                installed.logs
+            );
+            Ok(())
+        }
+        ServiceAction::Uninstall(args) => {
+            let name = config::validate_profile_name(&args.profile)?;
+            let removed = uninstall(&name)?;
+            eprintln!(
+                "credproxy: stopped {} and removed {}",
+                removed.name,
+                removed.path.display()
+            );
+            if let Some(warning) = removed.warning {
+                eprintln!("credproxy: warning: {warning}");
+            }
+            Ok(())
+        }
+        ServiceAction::Status(args) => {
+            let name = config::validate_profile_name(&args.profile)?;
+            let status = status(&service_spec(config, &name)?)?;
+            let file = match status.file {
+                FileState::Missing => "not installed",
+                FileState::Current => "installed",
+                FileState::Stale => {
+                    "installed, but for another binary or config file: run `credproxy service install` again"
+                }
+            };
+            let state = match &status.state {
+                Ok(state) => state.clone(),
+                Err(reason) => format!("unknown ({reason})"),
+            };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "service: {}", status.name);
+            let _ = writeln!(out, "file:    {} ({file})", status.path.display());
+            let _ = writeln!(out, "state:   {state}");
+            let _ = writeln!(out, "logs:    {}", status.logs);
+            drop(out);
+            if status.file == FileState::Missing && !status.running {
+                Err(CliError::ServiceNotInstalled {
+                    profile: name,
+                    path: status.path,
+                })
+            } else if !status.running {
+                Err(CliError::ServiceNotRunning {
+                    name: status.name,
+                    state,
+                    fix: format!(
+                        "see why in `{}`; start it with `credproxy service install --profile {name}`",
+                        status.logs
+                    ),
+                })
+            } else {
+                Ok(())
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -879,7 +940,7 @@ mod tests {
         };
         assert!(matches!(
             systemd.uninstall("work"),
-            Err(Error::ServiceNotInstalled { .. })
+            Err(CliError::ServiceNotInstalled { .. })
         ));
     }
 

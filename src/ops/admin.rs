@@ -15,9 +15,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::body::{LATENCY_BOUNDS, Stats};
-use crate::guard::Guards;
 use crate::proxy::Proxy;
+use crate::proxy::stats::{LATENCY_BOUNDS, Stats};
+use crate::serve::accept_or_pause;
+use crate::serve::guard::Guards;
 
 /// Serves `/healthz` and `/metrics` for `proxies` on `listener` until `shutdown` resolves.
 /// Requests must name the listener as their Host, as on the proxy port.
@@ -31,13 +32,7 @@ pub async fn run(listener: TcpListener, proxies: Vec<Proxy>, shutdown: impl Futu
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!("admin accept failed: {err}");
-                    continue;
-                }
-            },
+            (stream, _) = accept_or_pause(|| listener.accept()) => stream,
         };
         let proxies = proxies.clone();
         let guards = guards.clone();
@@ -79,11 +74,10 @@ fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
                 .expect("static response parts are valid")
         }
         "/metrics" => {
-            let totals: Vec<(&str, Stats)> = proxies
+            let entries: Vec<(&str, &Stats)> = proxies
                 .iter()
                 .map(|p| (p.settings().profile.as_str(), p.stats()))
                 .collect();
-            let entries: Vec<(&str, &Stats)> = totals.iter().map(|(p, s)| (*p, s)).collect();
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(render_metrics(&entries))))

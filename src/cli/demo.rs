@@ -17,13 +17,14 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::check::{Checker, PING_PATH};
+use super::{CliError, Result};
 use crate::config::{self, ServerUrl};
-use crate::credentials::Secret;
-use crate::error::{Error, Result};
-use crate::gate::OUTPOST_START;
-use crate::proxy::{Proxy, ProxySettings, basic_auth};
-use crate::server::{self, ServerOptions};
+use crate::credentials::{Scheme, Secret, basic_value};
+use crate::diagnose::check::{Checker, PING_PATH};
+use crate::error::Error;
+use crate::proxy::gate::OUTPOST_START;
+use crate::proxy::{Proxy, ProxySettings};
+use crate::serve::{self, ServeOptions};
 use crate::upstream::{ClientOptions, TlsTrust};
 
 /// `GET path` from the proxy at `addr`, as a client with no credentials would send it.
@@ -69,7 +70,7 @@ impl StandIn {
     /// Starts the stand-in on an already-bound listener, with a fresh CA and password.
     pub fn start(listener: TcpListener) -> Result<Self> {
         let demo_err =
-            |e: &dyn std::fmt::Display| Error::Demo(format!("cannot make its certificate: {e}"));
+            |e: &dyn std::fmt::Display| CliError::Demo(format!("cannot make its certificate: {e}"));
         let ca_key = KeyPair::generate().map_err(|e| demo_err(&e))?;
         let mut ca_params =
             CertificateParams::new(Vec::<String>::new()).map_err(|e| demo_err(&e))?;
@@ -96,7 +97,7 @@ impl StandIn {
         })
         .map_err(|e| demo_err(&e))?;
         let password = Secret::random();
-        let expected = basic_auth(DEMO_USERNAME, &password);
+        let expected = basic_value(DEMO_USERNAME, &password);
         let addr = listener.local_addr().map_err(|source| Error::Listen {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             source,
@@ -177,11 +178,11 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
     let listen = config::parse_listen(listen)?;
     config::check_loopback(listen, false)?;
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let standin = StandIn::start(crate::app::bind(loopback).await?)?;
+    let standin = StandIn::start(super::bind(loopback).await?)?;
     let server = standin.url();
     let trust = TlsTrust::public()
         .with_ca_pem(standin.ca_pem.as_bytes())
-        .map_err(Error::Demo)?;
+        .map_err(CliError::Demo)?;
     println!("1. Started a stand-in for an Authentik-gated Immich at {server}");
     println!("   (its own test CA; service account '{DEMO_USERNAME}' with a random app password)");
 
@@ -207,18 +208,19 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
         trust,
         client: ClientOptions::default(),
         idle_timeout: Duration::from_secs(60),
+        fix: "run `credproxy demo` again: it makes a fresh stand-in and password".to_owned(),
     };
-    let proxy = Proxy::new(settings, &standin.password)?;
-    let listener = crate::app::bind(listen).await?;
+    let proxy = Proxy::new(settings, &Scheme::Basic, &standin.password)?;
+    let listener = super::bind(listen).await?;
     let local = listener.local_addr().map_err(|source| Error::Listen {
         addr: listen,
         source,
     })?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server::run(
+    let serving = tokio::spawn(serve::run(
         listener,
         proxy,
-        ServerOptions::default(),
+        ServeOptions::default(),
         async move {
             let _ = stop_rx.await;
         },
@@ -242,7 +244,7 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
         println!(
             "4. Running until Ctrl-C: try `curl http://{local}{PING_PATH}` or point the Immich CLI at http://{local}"
         );
-        crate::app::shutdown_signal().await;
+        super::shutdown_signal().await;
     }
     let _ = stop_tx.send(());
     let _ = serving.await;
@@ -250,7 +252,7 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
         println!("OK: the gate refused the bare request and let the proxied ones through.");
         Ok(())
     } else {
-        Err(Error::Demo(
+        Err(CliError::Demo(
             "the requests did not behave as expected (see above)".to_owned(),
         ))
     }

@@ -5,10 +5,9 @@ use std::fmt;
 
 use http::{StatusCode, header};
 
-use crate::auth::{Injection, Scheme};
-use crate::check::{CheckError, Checker, PING_PATH, is_pong};
-use crate::credentials::Secret;
-use crate::gate::{self, Verdict};
+use super::check::{CertSummary, CheckError, Checker, PING_PATH, is_pong};
+use crate::credentials::{Injection, Scheme, Secret};
+use crate::proxy::gate::{self, Verdict};
 
 /// Immich's socket.io endpoint with the websocket transport, as its clients open it.
 pub const SOCKET_IO_PATH: &str = "/api/socket.io/?EIO=4&transport=websocket";
@@ -222,7 +221,7 @@ pub async fn network_steps(target: &Target<'_>) -> Vec<Step> {
     steps
 }
 
-fn tls_step(chain: &[crate::check::CertSummary]) -> Step {
+fn tls_step(chain: &[CertSummary]) -> Step {
     let Some(leaf) = chain.first() else {
         return Step::pass("tls", "verified (no certificate details available)");
     };
@@ -281,19 +280,14 @@ async fn gate_without_credentials(checker: &Checker) -> Step {
 
 async fn immich_version(checker: &Checker, auth: &Injection) -> Step {
     match checker.get("/api/server/version", Some(auth)).await {
-        Ok(r) if r.status == StatusCode::OK => {
-            let version = serde_json::from_slice::<serde_json::Value>(&r.body)
-                .ok()
-                .map(|v| format!("{}.{}.{}", v["major"], v["minor"], v["patch"]));
-            match version {
-                Some(version) => Step::pass("immich", format!("Immich v{version}")),
-                None => Step::fail(
-                    "immich",
-                    "/api/server/version did not answer Immich's JSON",
-                    "check that the server is Immich",
-                ),
-            }
-        }
+        Ok(r) if r.status == StatusCode::OK => match immich_version_text(&r.body) {
+            Some(version) => Step::pass("immich", format!("Immich v{version}")),
+            None => Step::fail(
+                "immich",
+                "/api/server/version did not answer Immich's JSON",
+                "check that the server is Immich",
+            ),
+        },
         Ok(r) => Step::fail(
             "immich",
             format!("/api/server/version answered HTTP {}", r.status.as_u16()),
@@ -301,6 +295,19 @@ async fn immich_version(checker: &Checker, auth: &Injection) -> Step {
         ),
         Err(e) => failure("immich", &e),
     }
+}
+
+/// `MAJOR.MINOR.PATCH` from Immich's `/api/server/version` answer, or `None` when the
+/// body is not that JSON (every part must be a number).
+fn immich_version_text(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let part = |name: &str| value.get(name)?.as_u64();
+    Some(format!(
+        "{}.{}.{}",
+        part("major")?,
+        part("minor")?,
+        part("patch")?
+    ))
 }
 
 fn failure(name: &'static str, err: &CheckError) -> Step {
@@ -320,4 +327,26 @@ fn skip_rest(mut steps: Vec<Step>, because: &str) -> Vec<Step> {
         }
     }
     steps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_immichs_version_json_makes_a_version() {
+        assert_eq!(
+            immich_version_text(br#"{"major":2,"minor":3,"patch":1}"#).as_deref(),
+            Some("2.3.1")
+        );
+        for body in [
+            &b"{}"[..],
+            br#"{"major":"2","minor":3,"patch":1}"#,
+            br#"{"major":2,"minor":3}"#,
+            b"<html>",
+            b"",
+        ] {
+            assert_eq!(immich_version_text(body), None, "{body:?}");
+        }
+    }
 }

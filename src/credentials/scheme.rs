@@ -11,7 +11,7 @@ use std::str::FromStr;
 use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::credentials::Secret;
+use super::Secret;
 use crate::error::{Error, Result};
 
 /// The headers Cloudflare Access reads a service token from.
@@ -230,21 +230,6 @@ impl Injection {
         }
     }
 
-    /// A copy with buffers of its own (see `Target::local_copy` in the proxy).
-    pub fn local_copy(&self) -> Self {
-        Self {
-            headers: self
-                .headers
-                .iter()
-                .map(|(name, value)| {
-                    let name = HeaderName::from_bytes(name.as_str().as_bytes())
-                        .expect("a header name parses again");
-                    (name, copy_value(value))
-                })
-                .collect(),
-        }
-    }
-
     /// The injected headers.
     pub fn headers(&self) -> &[(HeaderName, HeaderValue)] {
         &self.headers
@@ -259,38 +244,9 @@ impl From<HeaderValue> for Injection {
     }
 }
 
-/// A header value with a buffer of its own, as sensitive as `value`.
-pub fn copy_value(value: &HeaderValue) -> HeaderValue {
-    let mut copy = HeaderValue::from_bytes(value.as_bytes()).expect("a header value is valid");
-    copy.set_sensitive(value.is_sensitive());
-    copy
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn local_copies_are_equal_and_share_no_buffer() {
-        let cf = Scheme::CloudflareAccess
-            .injection("svc", &Secret::new("id.access\nsecret-value".into()))
-            .unwrap();
-        for injection in [cf, Injection::basic("svc", &Secret::new("pw".into()))] {
-            let copy = injection.local_copy();
-            assert_eq!(copy.headers(), injection.headers());
-            for ((name, value), (copied_name, copied)) in
-                injection.headers().iter().zip(copy.headers())
-            {
-                assert!(copied.is_sensitive(), "{name} lost its sensitivity");
-                assert_ne!(
-                    copied.as_bytes().as_ptr(),
-                    value.as_bytes().as_ptr(),
-                    "{name}"
-                );
-                assert_eq!(copied_name, name);
-            }
-        }
-    }
 
     #[test]
     fn schemes_parse_and_refuse_what_would_break_immich() {

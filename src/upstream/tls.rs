@@ -1,19 +1,16 @@
-//! The HTTPS connection to the one upstream: TLS trust as a value, rustls with ring, the
-//! connector, and what kind of failure an error is.
+//! TLS to the upstream: which server certificates are trusted (public roots, the platform's,
+//! an extra CA, key pins), as a value handed in, and the rustls client configuration (ring).
 
-use std::io;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore};
 
+use crate::config::{CaCert, Profile};
 use crate::error::{Error, Result};
 
 /// Which certificates the upstream may present: public roots plus any extra CAs.
@@ -31,6 +28,29 @@ impl TlsTrust {
     /// Trusts the public web PKI (bundled Mozilla roots and the platform's roots).
     pub fn public() -> Self {
         Self::default()
+    }
+
+    /// The trust a profile asks for: the public roots, its extra CA and its key pins.
+    pub fn for_profile(profile: &Profile) -> Result<Self> {
+        let mut trust = match &profile.ca_cert {
+            Some(CaCert::File(path)) => Self::public().with_ca_file(path)?,
+            Some(CaCert::Pem(pem)) => {
+                Self::public()
+                    .with_ca_pem(pem.as_bytes())
+                    .map_err(|reason| Error::Invalid {
+                        what: "CA certificate",
+                        reason,
+                    })?
+            }
+            None => Self::public(),
+        };
+        for pin in &profile.pins {
+            trust = trust.with_pin(pin).map_err(|reason| Error::Invalid {
+                what: "pin",
+                reason,
+            })?;
+        }
+        Ok(trust)
     }
 
     /// Also trusts every certificate in a PEM file (a homelab or test CA).
@@ -65,7 +85,7 @@ impl TlsTrust {
 
     /// Also requires (and accepts) a server key with this `sha256/BASE64` SPKI pin.
     pub fn with_pin(mut self, pin: &str) -> Result<Self, String> {
-        self.pins.push(parse_pin(pin)?);
+        self.pins.push(crate::config::parse_pin(pin)?);
         Ok(self)
     }
 
@@ -108,20 +128,6 @@ impl TlsTrust {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
-}
-
-/// Parses `sha256/BASE64` (as `credproxy doctor` prints it) into the 32-byte hash.
-pub fn parse_pin(pin: &str) -> Result<[u8; 32], String> {
-    use base64::Engine as _;
-    let encoded = pin.trim().strip_prefix("sha256/").ok_or_else(|| {
-        format!("'{pin}' is not a pin: expected sha256/BASE64 as `credproxy doctor` prints it")
-    })?;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .map_err(|_| format!("'{pin}' is not valid base64"))?;
-    bytes
-        .try_into()
-        .map_err(|_| format!("'{pin}' is not a SHA-256 hash (32 bytes)"))
 }
 
 /// The SHA-256 hash of a certificate's SubjectPublicKeyInfo.
@@ -189,94 +195,4 @@ impl ServerCertVerifier for PinnedVerifier {
 fn platform_roots() -> &'static [CertificateDer<'static>] {
     static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
     ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
-}
-
-/// Timeouts and pool settings for the upstream client.
-#[derive(Debug, Clone)]
-pub struct ClientOptions {
-    /// How long a TCP connect may take.
-    pub connect_timeout: Duration,
-    /// How long an unused pooled connection is kept.
-    pub pool_idle_timeout: Duration,
-    /// How many idle connections are kept.
-    pub pool_max_idle: usize,
-}
-
-impl Default for ClientOptions {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(10),
-            pool_idle_timeout: Duration::from_secs(60),
-            pool_max_idle: 64,
-        }
-    }
-}
-
-/// The TLS configuration for the upstream client (one per profile: clients built from it
-/// share its session-resumption cache).
-pub fn tls_config(trust: &TlsTrust) -> Result<Arc<ClientConfig>> {
-    // hyper-rustls sets ALPN itself from the enabled protocols.
-    trust.client_config(&[])
-}
-
-/// The HTTPS-only connector (TCP with no delay and keep-alive, then TLS) over a TLS
-/// configuration.
-pub fn connector(tls: Arc<ClientConfig>, options: &ClientOptions) -> HttpsConnector<HttpConnector> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(options.connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(30)));
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(Arc::unwrap_or_clone(tls))
-        .https_only()
-        .enable_http1()
-        .wrap_connector(http)
-}
-
-/// Names the kind of failure behind an upstream error, for messages and status codes.
-pub fn describe_failure(err: &(dyn std::error::Error + 'static)) -> (FailureKind, String) {
-    let mut kind = FailureKind::Other;
-    let mut detail = err.to_string();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cur {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return (FailureKind::Tls, tls.to_string());
-        }
-        let text = e.to_string();
-        if text.contains("dns error") {
-            kind = FailureKind::Dns;
-        } else if kind == FailureKind::Other && text.contains("tcp connect error") {
-            kind = FailureKind::Connect;
-        }
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            if io.kind() == io::ErrorKind::TimedOut {
-                kind = FailureKind::Timeout;
-            }
-            detail = text;
-            // An io::Error's source() skips the error it wraps; its get_ref() does not.
-            cur = io
-                .get_ref()
-                .map(|inner| inner as &(dyn std::error::Error + 'static));
-            continue;
-        }
-        detail = text;
-        cur = e.source();
-    }
-    (kind, detail)
-}
-
-/// Broad kinds of upstream failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The host name did not resolve.
-    Dns,
-    /// No TCP connection could be made.
-    Connect,
-    /// The TLS handshake failed (often: certificate not trusted).
-    Tls,
-    /// Something took longer than its timeout.
-    Timeout,
-    /// Anything else (connection reset, protocol error).
-    Other,
 }

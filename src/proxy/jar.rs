@@ -1,15 +1,14 @@
 //! The per-profile jar of Authentik session cookies: kept from the gate's `Set-Cookie`, sent
 //! back upstream, never handed to clients, dropped when they expire.
 
-use std::cell::RefCell;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use http::header::{self, HeaderMap, HeaderValue};
 use tokio::time::Instant;
 
-use crate::gate::SESSION_COOKIE_PREFIX;
+use super::gate::SESSION_COOKIE_PREFIX;
+use crate::sync::lock;
 
 /// One session cookie the gate set.
 #[derive(Debug, Clone)]
@@ -23,18 +22,9 @@ struct Stored {
 ///
 /// With a live session cookie the outpost skips its credential exchange with Authentik, so
 /// a stream of requests costs Authentik one check per session instead of one per minute.
-///
-/// Every request reads the jar. Each thread keeps its own copy of the current `Cookie`
-/// fragment, valid while the jar's version is unchanged and no cookie has expired: reading
-/// it takes no lock and writes nothing other threads read (a lock per request, on every
-/// server thread, would move its cache line between the cores each time).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct SessionJar {
     state: Mutex<JarState>,
-    /// Changes, under the lock, whenever the cookies do.
-    version: AtomicU64,
-    /// Tells this jar's copies from other jars' on a thread.
-    id: u64,
 }
 
 #[derive(Debug, Default)]
@@ -44,70 +34,15 @@ struct JarState {
     header: Option<HeaderValue>,
 }
 
-/// A thread's copy of one jar's `Cookie` fragment.
-struct ThreadCopy {
-    jar: u64,
-    version: u64,
-    /// The soonest expiry among the cookies it was made from.
-    expires: Option<Instant>,
-    header: Option<HeaderValue>,
-}
-
-/// How many jars' copies a thread keeps (one per profile it serves, usually one).
-const COPIES_PER_THREAD: usize = 8;
-
-thread_local! {
-    static COPIES: RefCell<Vec<ThreadCopy>> = const { RefCell::new(Vec::new()) };
-}
-
-impl Default for SessionJar {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl SessionJar {
     /// Creates an empty jar.
     pub fn new() -> Self {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-        Self {
-            state: Mutex::default(),
-            version: AtomicU64::new(0),
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, JarState> {
-        // The state is rebuilt whole on every change: a panic cannot leave it half-written.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Rebuilds the fragment after the cookies changed and tells every thread's copy.
-    fn changed(&self, state: &mut JarState) {
-        state.rebuild();
-        self.version.fetch_add(1, Ordering::Release);
+        Self::default()
     }
 
     /// The `name=value; …` fragment to send upstream, without expired cookies.
     pub fn cookie_header(&self) -> Option<HeaderValue> {
-        let version = self.version.load(Ordering::Acquire);
-        let copied = COPIES
-            .try_with(|copies| {
-                let copies = copies.try_borrow().ok()?;
-                let copy = copies
-                    .iter()
-                    .find(|c| c.jar == self.id && c.version == version)?;
-                if copy.expires.is_some_and(|e| e <= Instant::now()) {
-                    return None;
-                }
-                Some(copy.header.clone())
-            })
-            .ok()
-            .flatten();
-        if let Some(header) = copied {
-            return header;
-        }
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         let now = Instant::now();
         if state
             .cookies
@@ -115,29 +50,9 @@ impl SessionJar {
             .any(|c| c.expires.is_some_and(|e| e <= now))
         {
             state.cookies.retain(|c| c.expires.is_none_or(|e| e > now));
-            self.changed(&mut state);
+            state.rebuild();
         }
-        let copy = ThreadCopy {
-            jar: self.id,
-            // Stable while the lock is held.
-            version: self.version.load(Ordering::Relaxed),
-            expires: state.cookies.iter().filter_map(|c| c.expires).min(),
-            // A buffer of this thread's own: cloning it per request counts references
-            // no other thread touches.
-            header: state.header.as_ref().map(crate::auth::copy_value),
-        };
-        drop(state);
-        let header = copy.header.clone();
-        let _ = COPIES.try_with(|copies| {
-            if let Ok(mut copies) = copies.try_borrow_mut() {
-                copies.retain(|c| c.jar != self.id);
-                if copies.len() >= COPIES_PER_THREAD {
-                    copies.remove(0);
-                }
-                copies.push(copy);
-            }
-        });
-        header
+        state.header.clone()
     }
 
     /// Takes the gate's session cookies out of a response's headers into the jar.
@@ -153,7 +68,7 @@ impl SessionJar {
             header::Entry::Occupied(entry) => entry.remove_entry_mult().1.collect(),
             header::Entry::Vacant(_) => Vec::new(),
         };
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         for value in all {
             if !is_session_set_cookie(value.as_bytes()) {
                 headers.append(header::SET_COOKIE, value);
@@ -167,14 +82,14 @@ impl SessionJar {
                 state.cookies.push(cookie);
             }
         }
-        self.changed(&mut state);
+        state.rebuild();
     }
 
     /// Forgets every cookie (the credentials changed).
     pub fn clear(&self) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         state.cookies.clear();
-        self.changed(&mut state);
+        state.rebuild();
     }
 }
 
@@ -328,30 +243,6 @@ mod tests {
         assert_eq!(jar.cookie_header().unwrap(), "authentik_proxy_cc=new");
         jar.clear();
         assert!(jar.cookie_header().is_none());
-    }
-
-    #[test]
-    fn threads_see_each_others_changes_and_jars_keep_apart() {
-        let (jar, other) = (std::sync::Arc::new(SessionJar::new()), SessionJar::new());
-        jar.absorb(&mut set_cookies(&["authentik_proxy_aa=one; Path=/"]));
-        other.absorb(&mut set_cookies(&["authentik_proxy_bb=two; Path=/"]));
-        // Read twice on this thread: the second read comes from this thread's copy.
-        for _ in 0..2 {
-            assert_eq!(jar.cookie_header().unwrap(), "authentik_proxy_aa=one");
-            assert_eq!(other.cookie_header().unwrap(), "authentik_proxy_bb=two");
-        }
-        let writer = jar.clone();
-        std::thread::spawn(move || {
-            assert_eq!(writer.cookie_header().unwrap(), "authentik_proxy_aa=one");
-            writer.absorb(&mut set_cookies(&["authentik_proxy_aa=three; Path=/"]));
-        })
-        .join()
-        .unwrap();
-        assert_eq!(jar.cookie_header().unwrap(), "authentik_proxy_aa=three");
-        let writer = jar.clone();
-        std::thread::spawn(move || writer.clear()).join().unwrap();
-        assert!(jar.cookie_header().is_none());
-        assert_eq!(other.cookie_header().unwrap(), "authentik_proxy_bb=two");
     }
 
     #[test]

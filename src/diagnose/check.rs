@@ -15,9 +15,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::auth::Injection;
 use crate::config::ServerUrl;
-use crate::gate::{self, Verdict};
+use crate::credentials::Injection;
+use crate::proxy::gate::{self, Verdict};
 
 /// The Immich endpoint that answers `{"res":"pong"}` without Immich authentication.
 pub const PING_PATH: &str = "/api/server/ping";

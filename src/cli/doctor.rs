@@ -1,0 +1,111 @@
+//! `credproxy doctor`: the config and keyring steps, then the network steps of
+//! [`crate::diagnose::doctor`], one line each; fails when any step failed.
+
+use std::sync::Arc;
+
+use super::{CliError, Result, blocking};
+use crate::config::{self, ConfigStore};
+use crate::credentials::CredentialStore;
+use crate::diagnose::check::Checker;
+use crate::diagnose::doctor::{self, Status, Step};
+use crate::upstream::TlsTrust;
+
+/// Runs `doctor`: checks each step and prints it.
+pub async fn run(
+    config: &ConfigStore,
+    keyring: Arc<dyn CredentialStore>,
+    profile: &str,
+) -> Result<()> {
+    let report = |step: &Step| println!("{step}");
+    let profile = match config.profile(&config::validate_profile_name(profile)?) {
+        Ok(profile) => profile,
+        Err(e) => {
+            report(&Step {
+                name: "config",
+                status: Status::Fail,
+                detail: e.to_string(),
+                fix: None,
+            });
+            return Err(CliError::Doctor(1));
+        }
+    };
+    println!(
+        "credproxy doctor: profile '{}' -> {} as '{}'",
+        profile.name, profile.server, profile.username
+    );
+    let login = config.login_command(&profile);
+    let trust = match TlsTrust::for_profile(&profile) {
+        Ok(trust) => trust,
+        Err(e) => {
+            report(&Step {
+                name: "config",
+                status: Status::Fail,
+                detail: e.to_string(),
+                fix: Some(login),
+            });
+            return Err(CliError::Doctor(1));
+        }
+    };
+    let mut steps = vec![Step {
+        name: "config",
+        status: Status::Pass,
+        detail: format!("{} (listen {})", config.path().display(), profile.listen),
+        fix: None,
+    }];
+    let name = profile.name.clone();
+    let secret = match blocking(move || keyring.get(&name)).await {
+        Ok(Some(secret)) => {
+            steps.push(Step {
+                name: "keyring",
+                status: Status::Pass,
+                detail: format!("secret stored for profile '{}'", profile.name),
+                fix: None,
+            });
+            Some(secret)
+        }
+        Ok(None) => {
+            steps.push(Step {
+                name: "keyring",
+                status: Status::Fail,
+                detail: format!("no secret stored for profile '{}'", profile.name),
+                fix: Some(login.clone()),
+            });
+            None
+        }
+        Err(e) => {
+            steps.push(Step {
+                name: "keyring",
+                status: Status::Fail,
+                detail: e.to_string(),
+                fix: None,
+            });
+            None
+        }
+    };
+    steps.iter().for_each(report);
+    let checker = Checker::new(
+        profile.server.clone(),
+        trust.client_config(&[b"http/1.1"])?,
+        super::login::CHECK_TIMEOUT,
+    );
+    let network = doctor::network_steps(&doctor::Target {
+        checker: &checker,
+        username: &profile.username,
+        scheme: &profile.auth,
+        secret: secret.as_ref(),
+        login_command: login,
+    })
+    .await;
+    network.iter().for_each(report);
+    let failed = steps
+        .iter()
+        .chain(&network)
+        .filter(|s| s.status == Status::Fail)
+        .count();
+    if failed > 0 {
+        Err(CliError::Doctor(failed))
+    } else {
+        println!("all checks passed");
+        Ok(())
+    }
+}

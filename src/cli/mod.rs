@@ -1,0 +1,156 @@
+//! The command line: the binary's face of the library. Each command validates its arguments
+//! once, then runs against the config file and the OS keyring.
+//!
+//! Owns: [`args`] (the clap types), one file per command (`login`, `serve`, `logout`,
+//! `profiles`, `doctor`, `demo`, `service`, `completions`), [`CliError`] and exit codes, the
+//! runtime and log set-up of the binary. Built only with the `cli` feature (the default): the
+//! phone library compiles none of it.
+
+pub mod args;
+mod completions;
+pub mod demo;
+mod doctor;
+mod error;
+mod login;
+mod logout;
+mod profiles;
+mod serve;
+pub mod service;
+
+use std::io::IsTerminal as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use self::args::{Cli, Command};
+pub use self::error::{CliError, Result};
+use crate::config::ConfigStore;
+use crate::credentials::{CredentialStore, KeyringStore, StoreError};
+use crate::error::Error;
+
+/// Runs a parsed command line to completion.
+pub async fn run(cli: Cli) -> Result<()> {
+    let config = ConfigStore::locate(cli.config)?;
+    let keyring: Arc<dyn CredentialStore> = Arc::new(KeyringStore::new());
+    match cli.command {
+        Command::Login(args) => login::run(&config, keyring, args).await,
+        Command::Serve(args) => serve::run(&config, keyring, args).await,
+        Command::Logout(args) => logout::run(&config, keyring, &args.profile).await,
+        Command::Profiles => profiles::run(&config),
+        Command::Doctor(args) => doctor::run(&config, keyring, &args.profile).await,
+        Command::Demo(args) => demo::run(&args.listen, args.keep_running).await,
+        Command::Service(args) => service::run(&config, args.action),
+        Command::Completions(args) => {
+            completions::completions(args.shell);
+            Ok(())
+        }
+        Command::Man => {
+            completions::man();
+            Ok(())
+        }
+    }
+}
+
+/// The runtime a command runs on: one thread, or for `serve --threads N` (N > 1) a
+/// multi-thread runtime with N workers. Threads that serve collect their log lines and write
+/// them when they go idle ([`crate::ops::logging::batch_thread`]).
+pub fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
+    use crate::ops::logging;
+    let Command::Serve(args) = &cli.command else {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    };
+    match args
+        .threads
+        .map_or_else(serve::default_threads, usize::from)
+    {
+        0 | 1 => {
+            logging::batch_thread();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_park(logging::flush_thread)
+                .build()
+        }
+        threads => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("credproxy")
+            .enable_all()
+            .on_thread_start(logging::batch_thread)
+            .on_thread_park(logging::flush_thread)
+            .build(),
+    }
+}
+
+/// Sends log events to standard error: `CREDPROXY_LOG` (`info`, `warn,credproxy=debug`)
+/// chooses what, `info` by default (`warn` for the demo, which prints its own story).
+pub fn init_logging(cli: &Cli) {
+    let default_filter = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    // `Targets` rather than `EnvFilter`: the syntax we document, without a regex engine.
+    let filter = std::env::var("CREDPROXY_LOG")
+        .ok()
+        .and_then(|spec| spec.parse::<Targets>().ok())
+        .unwrap_or_else(|| {
+            default_filter
+                .parse::<Targets>()
+                .expect("the default filter is a valid level")
+        });
+    tracing_subscriber::fmt()
+        .with_writer(crate::ops::logging::Stderr)
+        // Colour escapes only for a terminal, never in log files.
+        .with_ansi(std::io::stderr().is_terminal())
+        .event_format(crate::ops::logging::Format::new())
+        .finish()
+        .with(filter)
+        .init();
+}
+
+/// Runs a blocking credential-store call off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::result::Result<T, StoreError> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CliError::Password(format!("keyring task failed: {e}")))?
+        .map_err(CliError::from)
+}
+
+/// Binds a listen socket, with a clear error when the address is taken.
+pub async fn bind(addr: SocketAddr) -> std::result::Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: no new connections, draining requests in flight");
+}

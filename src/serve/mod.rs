@@ -1,0 +1,412 @@
+//! The network edge towards clients: the accept loop over an already-bound listener, the
+//! connection limit, the listener's guards, and a graceful drain when shutdown begins.
+//!
+//! Owns: [`run`], the one way credproxy serves (the binary and the embedded library alike),
+//! [`ServeOptions`], and [`guard`] (exact Host names, no foreign Origin, local credential).
+
+pub mod guard;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use http::header;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::guard::{Guards, Refusal};
+use crate::credentials::Secret;
+use crate::proxy::{Lane, Proxy};
+
+/// How long no client must be connected before the heap's free pages go back to the system:
+/// long enough that a client opening one connection per request never pays for it, short
+/// enough that an idle proxy is back at its idle size a moment after a burst.
+const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// Limits and timeouts for client connections, and who may use the listener.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// How long a client may take to send a request's headers (also bounds idle keep-alive).
+    pub header_read_timeout: Duration,
+    /// The largest request head accepted, in bytes.
+    pub max_header_bytes: usize,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// How long in-flight requests may run on after shutdown begins.
+    pub drain_timeout: Duration,
+    /// Host names served besides the listener's loopback names (`name` or `name:port`).
+    pub allow_hosts: Vec<String>,
+    /// The local credential clients must present, when local auth is on.
+    pub local_token: Option<Secret>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_connections: 1024,
+            drain_timeout: Duration::from_secs(30),
+            allow_hosts: Vec::new(),
+            local_token: None,
+        }
+    }
+}
+
+/// What every connection of one listener shares.
+struct Listener {
+    proxy: Proxy,
+    guards: Guards,
+    builder: http1::Builder,
+    max_connections: usize,
+    slots: Arc<Semaphore>,
+    /// Told when the last client connection closes.
+    idle: Notify,
+}
+
+impl Listener {
+    fn connected(&self) -> usize {
+        self.max_connections - self.slots.available_permits()
+    }
+}
+
+/// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting (the port
+/// closes), lets requests in flight finish for at most `drain_timeout`, and returns.
+///
+/// Every request first passes the listener's [`Guards`]: its exact `Host` names, no foreign
+/// `Origin`, and the local credential when one is set. It runs on whatever runtime polls it:
+/// the binary's (one thread, or a multi-thread runtime with `--threads`) or an app's.
+pub async fn run(
+    listener: TcpListener,
+    proxy: Proxy,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let guards = match listener.local_addr() {
+        Ok(addr) => Guards::for_listener(addr, &options.allow_hosts, options.local_token.as_ref()),
+        // Without a known address, no Host can be matched: refuse everything rather than guess.
+        Err(_) => Guards::refuse_all(),
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes.max(8192));
+    let max_connections = options.max_connections.max(1);
+    let shared = Arc::new(Listener {
+        proxy,
+        guards,
+        builder,
+        max_connections,
+        slots: Arc::new(Semaphore::new(max_connections)),
+        idle: Notify::new(),
+    });
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let accepting = async {
+        accept(&listener, &shared, &stop, &connections).await;
+        // New clients are refused while the others drain, not left waiting.
+        drop(listener);
+    };
+    let stopping = async {
+        shutdown.await;
+        stop.cancel();
+        let open = shared.connected();
+        if open > 0 {
+            tracing::info!(
+                "draining {open} connection(s) for up to {:?}",
+                options.drain_timeout
+            );
+        }
+    };
+    tokio::select! {
+        _ = async { tokio::join!(stopping, accepting) } => {}
+        () = trim_when_idle(&shared) => {}
+    }
+    connections.close();
+    if tokio::time::timeout(options.drain_timeout, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached; closing the remaining connections");
+    }
+}
+
+/// Accepts connections until `stop` fires; each one under the connection limit is served on
+/// its own task, the others get a 503.
+async fn accept(
+    listener: &TcpListener,
+    shared: &Arc<Listener>,
+    stop: &CancellationToken,
+    connections: &TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            stream = accept_or_pause(|| listener.accept()) => stream.0,
+        };
+        match shared.slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                connections.spawn(serve_connection(
+                    stream,
+                    permit,
+                    shared.clone(),
+                    stop.child_token(),
+                ));
+            }
+            Err(_) => {
+                tokio::spawn(refuse_busy(stream));
+            }
+        }
+    }
+}
+
+/// How long an accept loop waits after a failed accept (out of file descriptors, say)
+/// before it tries again: retrying at once would spin on the error.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// The next accepted connection (whatever `accept` yields); a failed accept is logged and
+/// retried after [`ACCEPT_PAUSE`]. Every accept loop (the proxy's, the admin listener's)
+/// goes through here.
+pub async fn accept_or_pause<T, F: Future<Output = std::io::Result<T>>>(
+    mut accept: impl FnMut() -> F,
+) -> T {
+    loop {
+        match accept().await {
+            Ok(accepted) => return accepted,
+            Err(err) => {
+                tracing::warn!("accept failed: {err}; trying again shortly");
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Returns freed heap pages to the system each time no client has been connected for
+/// [`TRIM_AFTER_IDLE`]; never returns.
+async fn trim_when_idle(shared: &Listener) {
+    loop {
+        shared.idle.notified().await;
+        tokio::time::sleep(TRIM_AFTER_IDLE).await;
+        if shared.connected() == 0 {
+            crate::memory::trim();
+        }
+    }
+}
+
+/// What the requests of one client connection share: one reference-counted clone each.
+struct Client {
+    shared: Arc<Listener>,
+    lane: Lane,
+}
+
+/// Serves one client connection until it closes, or until `stop` fires and its request in
+/// flight has been answered.
+async fn serve_connection(
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    shared: Arc<Listener>,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let client = Arc::new(Client {
+        // This connection's upstream connection, driven on this task beside it.
+        lane: shared.proxy.lane(),
+        shared,
+    });
+    let service = {
+        let client = client.clone();
+        service_fn(move |req| {
+            let client = client.clone();
+            async move {
+                let proxy = &client.shared.proxy;
+                let response = match client.shared.guards.check(req.headers()) {
+                    Ok(()) => proxy.handle(req, &client.lane).await,
+                    Err(refusal) => refuse(proxy, &req, &refusal),
+                };
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let conn = client
+        .shared
+        .builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let served = async {
+        tokio::pin!(conn);
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => result,
+            () = stop.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    };
+    if let Err(err) = client.lane.drive(served).await {
+        tracing::debug!("client connection ended: {err}");
+    }
+    client.lane.release();
+    drop(permit);
+    if client.shared.connected() == 0 {
+        client.shared.idle.notify_one();
+    }
+}
+
+/// The answer to a request the guards refused; nothing is forwarded.
+fn refuse<B>(
+    proxy: &Proxy,
+    req: &http::Request<B>,
+    refusal: &Refusal,
+) -> http::Response<crate::proxy::body::ResponseBody> {
+    let mut response = proxy.refuse(req, refusal.status(), refusal.code(), refusal.message());
+    if *refusal == Refusal::LocalAuth {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"credproxy\", charset=\"UTF-8\""),
+        );
+    }
+    response
+}
+
+/// Answers a connection beyond the limit with a short 503 and closes it.
+async fn refuse_busy(mut stream: TcpStream) {
+    tracing::warn!("connection limit reached; refusing a client connection");
+    let _ = stream
+        .write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 46\r\n\r\ncredproxy: too many connections, retry later\n",
+        )
+        .await;
+    let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::Scheme;
+    use crate::proxy::ProxySettings;
+
+    fn proxy_for(server: &str) -> Proxy {
+        let settings = ProxySettings {
+            profile: "serve-test".to_owned(),
+            server: crate::config::ServerUrl::parse(server).unwrap(),
+            username: "svc".to_owned(),
+            trust: crate::upstream::TlsTrust::public(),
+            client: crate::upstream::ClientOptions::default(),
+            idle_timeout: Duration::from_secs(60),
+            fix: "credproxy login".to_owned(),
+        };
+        Proxy::new(settings, &Scheme::Basic, &Secret::new("pw".into())).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_accept_is_retried_after_a_pause_not_in_a_spin() {
+        let mut failures = 3;
+        let mut attempts = 0;
+        let start = tokio::time::Instant::now();
+        let accepted = accept_or_pause(|| {
+            attempts += 1;
+            let result = if failures > 0 {
+                failures -= 1;
+                Err(std::io::Error::from_raw_os_error(24)) // EMFILE
+            } else {
+                Ok("connection")
+            };
+            std::future::ready(result)
+        })
+        .await;
+        assert_eq!(accepted, "connection");
+        assert_eq!(attempts, 4);
+        assert_eq!(start.elapsed(), ACCEPT_PAUSE * 3);
+    }
+
+    #[tokio::test]
+    async fn new_clients_are_refused_while_requests_drain() {
+        // An upstream that takes the connection and never answers keeps a request in flight.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = proxy_for(&format!(
+            "https://127.0.0.1:{}",
+            silent.local_addr().unwrap().port()
+        ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = ServeOptions {
+            drain_timeout: Duration::from_secs(20),
+            ..ServeOptions::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(run(listener, proxy, options, async {
+            let _ = stopped.await;
+        }));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(format!("GET /api/server/ping HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (upstream, _) = silent.accept().await.unwrap();
+        stop.send(()).unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(10), async {
+            while TcpStream::connect(addr).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(refused.is_ok(), "the listener stayed open during the drain");
+        assert!(
+            !running.is_finished(),
+            "the in-flight request was not waited for"
+        );
+        // The upstream goes away: the request is answered and the drain ends.
+        drop(upstream);
+        tokio::time::timeout(Duration::from_secs(15), running)
+            .await
+            .expect("the drain ends once the request is answered")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refused_local_credential_asks_for_basic_auth() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let options = ServeOptions {
+            local_token: Some(Secret::new("tok-123".into())),
+            ..ServeOptions::default()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(run(
+            listener,
+            proxy_for("https://immich.invalid"),
+            options,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(
+                format!("GET / HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(
+            answer.contains("www-authenticate: Basic realm=\"credproxy\""),
+            "{answer}"
+        );
+        stop.send(()).unwrap();
+        running.await.unwrap();
+    }
+}
