@@ -21,9 +21,10 @@ use crate::credentials::{Scheme, Secret};
 use crate::diagnose::check::Checker;
 use crate::diagnose::doctor::{self, Step};
 use crate::error::{Error, Result};
+use crate::proxy::live::{Reload, Standing};
 use crate::proxy::{Proxy, ProxySettings};
 use crate::serve::guard::LOCAL_USER;
-use crate::serve::{self, ServeOptions};
+use crate::serve::{self, ServeOptions, Site};
 use crate::sync::lock;
 
 /// Receives the log events of an embedded proxy (the host app's logger).
@@ -61,7 +62,7 @@ impl Default for EmbedOptions {
 }
 
 /// Totals of an embedded proxy at one moment.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
     /// Requests answered, including the proxy's own error answers.
     pub requests: u64,
@@ -71,6 +72,8 @@ pub struct Snapshot {
     pub bytes_down: u64,
     /// The most recent warning or error the proxy logged, if any.
     pub last_error: Option<String>,
+    /// Where the credentials stand with the gate.
+    pub credentials: Standing,
 }
 
 /// A proxy serving on a loopback port from its own runtime until stopped or dropped.
@@ -89,10 +92,10 @@ struct Running {
 }
 
 impl Embedded {
-    /// Binds `listen` (loopback only; port 0 picks a free one) and starts serving `proxy`.
+    /// Binds `listen` (loopback only; port 0 picks a free one) and starts serving `site`.
     ///
     /// The port accepts connections when this returns: there is nothing to wait for.
-    pub fn start(proxy: Proxy, listen: SocketAddr, options: EmbedOptions) -> Result<Self> {
+    pub fn start(site: Site, listen: SocketAddr, options: EmbedOptions) -> Result<Self> {
         config::check_loopback(listen, false)?;
         let listen_err = |source| Error::Listen {
             addr: listen,
@@ -117,17 +120,13 @@ impl Embedded {
                 return Err(listen_err(source));
             }
         };
-        let local_token = options.server.local_token.clone();
+        let local_token = site.local_token.clone();
+        let proxy = site.proxy.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let task = runtime.spawn(serve::run(
-            listener,
-            proxy.clone(),
-            options.server,
-            shutdown,
-        ));
+        let task = runtime.spawn(serve::run(listener, site, options.server, shutdown));
         Ok(Self {
             addr,
             local_token,
@@ -186,7 +185,29 @@ impl Embedded {
             bytes_up: stats.bytes_up.load(Ordering::Relaxed),
             bytes_down: stats.bytes_down.load(Ordering::Relaxed),
             last_error: lock(&self.last_error).clone(),
+            credentials: self.proxy.credentials().health().standing(),
         }
+    }
+
+    /// Reads the credentials from their source again now (the app stored new ones); the
+    /// next request uses what it found. Blocks the caller briefly (a keystore read): call it
+    /// from a worker thread, not from async code.
+    pub fn reload_credentials(&self) -> Result<Reload> {
+        let running = self.lock_running();
+        let Some(running) = running.as_ref() else {
+            return Ok(Reload::Unchanged);
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(Error::Invalid {
+                what: "call",
+                reason:
+                    "reload_credentials blocks; call it from a worker thread, not from async code"
+                        .to_owned(),
+            });
+        }
+        Ok(running
+            .runtime
+            .block_on(self.proxy.credentials().reload())?)
     }
 
     fn lock_running(&self) -> MutexGuard<'_, Option<Running>> {

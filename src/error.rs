@@ -124,6 +124,9 @@ pub enum StoreError {
     /// The keyring answered but refused or failed the operation.
     #[error("the OS keyring failed: {0}")]
     Failed(String),
+    /// An app's own credential provider failed.
+    #[error("the app's credential provider failed: {0}")]
+    Provider(String),
 }
 
 /// The core's result type.

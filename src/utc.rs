@@ -74,6 +74,14 @@ fn second_prefix(secs: u64) -> [u8; 20] {
     text
 }
 
+/// `time` to the second, as RFC 3339 in UTC (`2026-11-27T08:00:00Z`), for messages.
+pub fn seconds(time: std::time::SystemTime) -> String {
+    let text = timestamp(time);
+    let mut out = String::from_utf8_lossy(&text[..19]).into_owned();
+    out.push('Z');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +108,12 @@ mod tests {
         // The per-second cache hands back the right second after a change and back.
         assert_eq!(text(1_795_785_946, 1), "2026-11-27T13:25:46.000001Z");
         assert_eq!(text(1_795_785_945, 2), "2026-11-27T13:25:45.000002Z");
+    }
+
+    #[test]
+    fn messages_show_whole_seconds() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let time = UNIX_EPOCH + Duration::from_secs(1_795_785_945) + Duration::from_micros(9);
+        assert_eq!(seconds(time), "2026-11-27T13:25:45Z");
     }
 }

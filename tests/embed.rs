@@ -15,6 +15,7 @@ use credproxy::config::ServerUrl;
 use credproxy::credentials::{Scheme, Secret};
 use credproxy::embed::{EmbedOptions, Embedded, LogSink};
 use credproxy::proxy::Proxy;
+use credproxy::serve::Site;
 use http::StatusCode;
 use tracing::Level;
 
@@ -42,7 +43,7 @@ fn start(mock: &Mock, server: Option<ServerUrl>) -> (Embedded, Receiver<String>)
     if let Some(server) = server {
         settings.server = server;
     }
-    let proxy = Proxy::new(
+    let proxy = Proxy::with_secret(
         settings,
         &Scheme::Basic,
         &Secret::new(mock.password.clone()),
@@ -53,7 +54,10 @@ fn start(mock: &Mock, server: Option<ServerUrl>) -> (Embedded, Receiver<String>)
         log: Some(std::sync::Arc::new(Lines(Mutex::new(tx)))),
         ..EmbedOptions::default()
     };
-    (Embedded::start(proxy, loopback(), options).unwrap(), rx)
+    (
+        Embedded::start(Site::new(proxy), loopback(), options).unwrap(),
+        rx,
+    )
 }
 
 fn exchange_done(lines: &Receiver<String>) -> String {
@@ -127,16 +131,18 @@ fn local_url_carries_the_local_credential_and_only_loopback_is_served() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mock = runtime.block_on(Mock::start());
     let proxy = || {
-        Proxy::new(
+        Proxy::with_secret(
             settings_for(&mock),
             &Scheme::Basic,
             &Secret::new(mock.password.clone()),
         )
         .unwrap()
     };
-    let mut options = EmbedOptions::default();
-    options.server.local_token = Some(Secret::new("local-token-0123456789".into()));
-    let embedded = Embedded::start(proxy(), loopback(), options).unwrap();
+    let site = Site {
+        local_token: Some(Secret::new("local-token-0123456789".into())),
+        ..Site::new(proxy())
+    };
+    let embedded = Embedded::start(site, loopback(), EmbedOptions::default()).unwrap();
     assert_eq!(
         embedded.local_url(),
         format!(
@@ -148,9 +154,51 @@ fn local_url_carries_the_local_credential_and_only_loopback_is_served() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 
     let remote = Embedded::start(
-        proxy(),
+        Site::new(proxy()),
         "0.0.0.0:0".parse().unwrap(),
         EmbedOptions::default(),
     );
     assert!(matches!(remote, Err(Error::NonLoopback { .. })));
+}
+
+#[test]
+fn a_source_that_changes_its_answer_heals_the_running_proxy() {
+    use credproxy::credentials::{CredentialStore, MemoryStore, StoreEntry};
+    use credproxy::proxy::live::{LiveCredentials, Reload};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mock = runtime.block_on(Mock::start());
+    // What an app's provider answers (the mobile crate adapts its provider the same way).
+    let store = Arc::new(MemoryStore::new());
+    let answer = |secret: &str| store.set("app", &Secret::new(secret.to_owned())).unwrap();
+    answer("expired-app-password");
+    let source = Arc::new(StoreEntry::new(store.clone(), "app"));
+    let credentials = LiveCredentials::load(Scheme::Basic, mock.username.clone(), source).unwrap();
+    let proxy = Proxy::new(settings_for(&mock), credentials).unwrap();
+    let embedded = Embedded::start(Site::new(proxy), loopback(), EmbedOptions::default()).unwrap();
+    let addr = embedded.local_addr();
+    let ping = || runtime.block_on(get(addr, "/api/server/ping")).0.status();
+
+    assert_eq!(ping(), StatusCode::BAD_GATEWAY);
+    assert_eq!(embedded.snapshot().credentials.state, "rejected");
+    answer(&mock.password);
+    // Rejected: the proxy asks its source again by itself, at most once a second.
+    let healed = (0..100).find(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        ping() == StatusCode::OK
+    });
+    assert!(healed.is_some(), "the proxy never read the new answer");
+    assert_eq!(mock.state.rejected.load(Ordering::SeqCst), 1);
+    assert_eq!(embedded.snapshot().credentials.state, "accepted");
+
+    // Credentials that still work are only read again when the app says so.
+    mock.state
+        .accept_only(&mock.username, "rotated-app-password");
+    answer("rotated-app-password");
+    assert_eq!(embedded.reload_credentials().unwrap(), Reload::Changed);
+    assert_eq!(ping(), StatusCode::OK);
+    assert_eq!(embedded.reload_credentials().unwrap(), Reload::Unchanged);
+    assert_eq!(mock.state.rejected.load(Ordering::SeqCst), 1);
 }

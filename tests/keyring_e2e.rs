@@ -4,64 +4,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::binary::{command, require_secret_service, run, unique_profile};
 use common::mock::Mock;
 use http::StatusCode;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
-
-fn require_secret_service() {
-    assert!(
-        std::env::var_os("CREDPROXY_KEYRING_SESSION").is_some(),
-        "this test needs a real Secret Service: run the suite with `tests/run` \
-         (or `tests/keyring-session cargo nextest run`)"
-    );
-}
-
-fn command(config: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_credproxy"));
-    cmd.args(args)
-        .env("CREDPROXY_CONFIG", config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
-}
-
-struct Outcome {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-async fn run(config: &Path, args: &[&str], stdin: Option<&str>) -> Outcome {
-    let mut cmd = command(config, args);
-    if stdin.is_some() {
-        cmd.stdin(Stdio::piped());
-    }
-    let mut child = cmd.spawn().unwrap();
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        pipe.write_all(input.as_bytes()).await.unwrap();
-    }
-    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .expect("the command finished")
-        .unwrap();
-    Outcome {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn unique_profile(tag: &str) -> String {
-    format!("e2e-{tag}-{}", std::process::id())
-}
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn login_then_serve_then_request_through_the_real_keyring() {
@@ -293,12 +241,9 @@ async fn login_no_verify_stores_and_logout_removes_from_the_keyring() {
 async fn cloudflare_access_login_verifies_two_values_and_serve_injects_them() {
     require_secret_service();
     let mock = Mock::start().await;
-    *mock.state.gate_headers.lock().unwrap() = Some(vec![
-        ("cf-access-client-id".to_owned(), "team.access".to_owned()),
-        (
-            "cf-access-client-secret".to_owned(),
-            "cf-secret-9".to_owned(),
-        ),
+    mock.gate_wants(&[
+        ("cf-access-client-id", "team.access"),
+        ("cf-access-client-secret", "cf-secret-9"),
     ]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");

@@ -8,41 +8,30 @@ use common::*;
 use credproxy::credentials::Scheme;
 use credproxy::credentials::Secret;
 use credproxy::proxy::Proxy;
-use credproxy::serve::{self, ServeOptions};
+use credproxy::serve::{self, ServeOptions, Site};
 use http::{Request, StatusCode};
 
 async fn start_with_scheme(mock: &Mock, scheme: &Scheme, secret: &str) -> std::net::SocketAddr {
-    let proxy = Proxy::new(settings_for(mock), scheme, &Secret::new(secret.to_owned())).unwrap();
+    let proxy =
+        Proxy::with_secret(settings_for(mock), scheme, &Secret::new(secret.to_owned())).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve::run(
         listener,
-        proxy,
+        Site::new(proxy),
         ServeOptions::default(),
         std::future::pending(),
     ));
     addr
 }
 
-fn gate_wants(mock: &Mock, pairs: &[(&str, &str)]) {
-    *mock.state.gate_headers.lock().unwrap() = Some(
-        pairs
-            .iter()
-            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
-            .collect(),
-    );
-}
-
 #[tokio::test]
 async fn cloudflare_access_service_tokens_pass_the_gate_and_no_authorization_reaches_immich() {
     let mock = Mock::start().await;
-    gate_wants(
-        &mock,
-        &[
-            ("cf-access-client-id", "abc.access"),
-            ("cf-access-client-secret", "s3cret"),
-        ],
-    );
+    mock.gate_wants(&[
+        ("cf-access-client-id", "abc.access"),
+        ("cf-access-client-secret", "s3cret"),
+    ]);
     let addr = start_with_scheme(&mock, &Scheme::CloudflareAccess, "abc.access\ns3cret").await;
     let (response, _) = send(
         addr,
@@ -67,10 +56,7 @@ async fn cloudflare_access_service_tokens_pass_the_gate_and_no_authorization_rea
 #[tokio::test]
 async fn named_header_schemes_inject_every_header_and_replace_forged_ones() {
     let mock = Mock::start().await;
-    gate_wants(
-        &mock,
-        &[("p-access-token-id", "tid"), ("p-access-token", "tok")],
-    );
+    mock.gate_wants(&[("p-access-token-id", "tid"), ("p-access-token", "tok")]);
     let scheme = Scheme::new(
         "header",
         &["P-Access-Token-Id".into(), "P-Access-Token".into()],
@@ -95,13 +81,10 @@ async fn named_header_schemes_inject_every_header_and_replace_forged_ones() {
 #[tokio::test]
 async fn a_wrong_header_value_is_refused_by_the_gate_not_bypassed() {
     let mock = Mock::start().await;
-    gate_wants(
-        &mock,
-        &[
-            ("cf-access-client-id", "abc.access"),
-            ("cf-access-client-secret", "right"),
-        ],
-    );
+    mock.gate_wants(&[
+        ("cf-access-client-id", "abc.access"),
+        ("cf-access-client-secret", "right"),
+    ]);
     let addr = start_with_scheme(&mock, &Scheme::CloudflareAccess, "abc.access\nwrong").await;
     let (response, _) = get(addr, "/api/server/ping").await;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);

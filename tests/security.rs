@@ -8,7 +8,7 @@ use bytes::Bytes;
 use common::mock::Mock;
 use common::*;
 use credproxy::credentials::Secret;
-use credproxy::serve::ServeOptions;
+use credproxy::serve::{ServeOptions, Site};
 use credproxy::upstream::TlsTrust;
 use http::{Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,11 +54,11 @@ async fn dns_rebinding_hosts_are_refused_and_nothing_is_forwarded() {
 #[tokio::test]
 async fn allowed_extra_host_names_are_served() {
     let mock = Mock::start().await;
-    let options = ServeOptions {
+    let site = Site {
         allow_hosts: vec!["photos.lan".to_owned()],
-        ..ServeOptions::default()
+        ..Site::new(mock_proxy(&mock))
     };
-    let proxy = start_proxy_with(settings_for(&mock), &mock.password, options).await;
+    let proxy = start_site(site, ServeOptions::default()).await;
     let host = format!("photos.lan:{}", proxy.addr.port());
     let (response, _) = send(
         proxy.addr,
@@ -105,11 +105,11 @@ async fn cross_site_requests_are_refused_and_nothing_is_forwarded() {
 async fn the_local_credential_is_required_and_never_forwarded() {
     let mock = Mock::start().await;
     let token = Secret::new("local-token-xyz".to_owned());
-    let options = ServeOptions {
+    let site = Site {
         local_token: Some(token),
-        ..ServeOptions::default()
+        ..Site::new(mock_proxy(&mock))
     };
-    let proxy = start_proxy_with(settings_for(&mock), &mock.password, options).await;
+    let proxy = start_site(site, ServeOptions::default()).await;
     let (response, _) = get(proxy.addr, "/api/server/ping").await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert!(

@@ -43,6 +43,7 @@ fn config(port: u16) -> Result<ProxyConfig> {
         credentials: Credentials::Provider {
             provider: Arc::new(Password(env("BENCH_PASSWORD")?)),
         },
+        auth: None,
         listen_port: port,
         ca_pem: Some(std::fs::read_to_string(env("BENCH_CA_FILE")?)?),
         pin: None,

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use credproxy::credentials::Scheme;
 use credproxy::diagnose::doctor::{Status, Step};
 use credproxy::embed;
 
@@ -22,7 +21,7 @@ pub fn check(config: ProxyConfig) -> Result<Vec<CheckResult>, MobileError> {
     let password = config.password(&settings)?;
     let steps = embed::check(
         &settings,
-        &Scheme::Basic,
+        &config.scheme()?,
         &password,
         STEP_TIMEOUT,
         logging::sink(),

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use credproxy::Error;
 use credproxy::config::{self, CaCert, Profile, ServerUrl};
-use credproxy::credentials::{Scheme, Secret};
+use credproxy::credentials::{Scheme, Secret, SecretSource};
 use credproxy::proxy::ProxySettings;
 
-use crate::credentials::{self, CredentialProvider};
+use crate::credentials::{self, CredentialProvider, ProviderSource};
 use crate::error::MobileError;
 
 /// The profile name used in messages when the app supplies the password itself.
@@ -18,10 +18,27 @@ const APP_PROFILE: &str = "app";
 /// How long a body may stall before a transfer is abandoned (a phone may pause a while).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// How the gate in front of Immich wants to be authenticated.
+#[derive(uniffi::Enum, Debug, Clone, PartialEq, Eq)]
+pub enum AuthScheme {
+    /// Authentik: `Authorization: Basic` with the service account's app password.
+    Basic,
+    /// A Cloudflare Access service token: the secret is the client id and the client secret,
+    /// one per line.
+    CloudflareAccess,
+    /// Named headers (e.g. Pangolin's `P-Access-Token-Id` and `P-Access-Token`): the secret is
+    /// one value per line, in the order of `names`.
+    Header {
+        /// The header names.
+        names: Vec<String>,
+    },
+}
+
 /// Where the app password comes from.
 #[derive(uniffi::Enum)]
 pub enum Credentials {
-    /// The app's own provider, asked once when the proxy starts (and by each check).
+    /// The app's own provider, asked when the proxy starts, by each check, again while the
+    /// gate rejects what it gave, and on `reload_credentials`.
     Provider {
         /// The app's implementation.
         provider: Arc<dyn CredentialProvider>,
@@ -39,10 +56,13 @@ pub enum Credentials {
 pub struct ProxyConfig {
     /// The Authentik-fronted Immich origin, e.g. `https://immich.example.com`.
     pub server_url: String,
-    /// The Authentik service account's username.
+    /// The Authentik service account's username (needed for `Basic` only; pass "" otherwise).
     pub username: String,
     /// Where the app password comes from.
     pub credentials: Credentials,
+    /// How the gate authenticates; `Basic` (Authentik) when not given.
+    #[uniffi(default = None)]
+    pub auth: Option<AuthScheme>,
     /// The loopback port to listen on; 0 picks a free one (read it back with `port()`).
     #[uniffi(default = 0)]
     pub listen_port: u16,
@@ -74,8 +94,11 @@ impl ProxyConfig {
                 Credentials::Keyring { profile } => config::validate_profile_name(profile)?,
             },
             server: ServerUrl::parse(&self.server_url)?,
-            username: config::validate_username(&self.username)?,
-            auth: Scheme::Basic,
+            username: match self.scheme()? {
+                Scheme::Basic => config::validate_username(&self.username)?,
+                _ => self.username.clone(),
+            },
+            auth: self.scheme()?,
             listen: config::DEFAULT_LISTEN,
             ca_cert: non_empty(&self.ca_pem).map(|pem| CaCert::Pem(pem.to_owned())),
             pins: non_empty(&self.pin)
@@ -101,6 +124,30 @@ impl ProxyConfig {
             })?;
         settings.idle_timeout = IDLE_TIMEOUT;
         Ok(settings)
+    }
+
+    /// The core's auth scheme.
+    pub(crate) fn scheme(&self) -> Result<Scheme, MobileError> {
+        Ok(match &self.auth {
+            None | Some(AuthScheme::Basic) => Scheme::Basic,
+            Some(AuthScheme::CloudflareAccess) => Scheme::CloudflareAccess,
+            Some(AuthScheme::Header { names }) => Scheme::new("header", names)?,
+        })
+    }
+
+    /// Where the credentials are read again from while the gate rejects them.
+    pub(crate) fn source(
+        &self,
+        settings: &ProxySettings,
+    ) -> Result<Arc<dyn SecretSource>, MobileError> {
+        Ok(match &self.credentials {
+            Credentials::Provider { provider } => Arc::new(ProviderSource {
+                provider: provider.clone(),
+                server_url: settings.server.to_string(),
+                username: settings.username.clone(),
+            }),
+            Credentials::Keyring { .. } => credentials::keyring_source(&settings.profile)?,
+        })
     }
 
     /// The local credential clients must present, or none when `local_auth` is off.

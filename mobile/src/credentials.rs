@@ -1,14 +1,23 @@
 //! Where the app password comes from: a provider the app implements (reading Android Keystore
-//! or the iOS Keychain itself), or the platform keyring store by profile.
+//! or the iOS Keychain itself), or the platform keyring store by profile; asked again while
+//! the gate rejects what it gave, and on `reload_credentials`.
 
-use credproxy::credentials::{self, CredentialStore, Secret};
+use std::sync::Arc;
+
+use credproxy::credentials::{self, CredentialStore, Secret, SecretSource, StoreEntry, StoreError};
 
 use crate::error::MobileError;
 
-/// Implemented by the app: hands over the Authentik app password it keeps.
+/// Implemented by the app: hands over the secret it keeps for the gate.
+///
+/// Asked when the proxy starts, again (at most about once a second) while the gate rejects
+/// what it returned, and on `ProxyHandle::reload_credentials`: return the new value once the
+/// user has saved one, and the proxy uses it without a restart.
 #[uniffi::export(foreign)]
 pub trait CredentialProvider: Send + Sync {
-    /// The app password for `username` at `server_url`, or none when the app has none stored.
+    /// The secret for `username` at `server_url`, or none when the app has none stored: the
+    /// Authentik app password; for `cloudflare-access` the client id and the client secret on
+    /// two lines; for `header` one line per header, in the order of the names.
     fn app_password(
         &self,
         server_url: String,
@@ -16,7 +25,9 @@ pub trait CredentialProvider: Send + Sync {
     ) -> Result<Option<String>, MobileError>;
 }
 
-/// Stores `password` for `profile` in the platform keyring store (replacing any).
+/// Stores `password` for `profile` in the platform keyring store (replacing any); a proxy
+/// running with that profile picks it up after its next rejected request or on
+/// `reload_credentials`.
 #[uniffi::export]
 pub fn save_app_password(profile: String, password: String) -> Result<(), MobileError> {
     let profile = credproxy::config::validate_profile_name(&profile)?;
@@ -48,6 +59,12 @@ pub(crate) fn keyring_password(profile: &str) -> Result<Secret, MobileError> {
         })
 }
 
+/// The keyring entry of `profile`, read again when the gate rejects what it held.
+pub(crate) fn keyring_source(profile: &str) -> Result<Arc<dyn SecretSource>, MobileError> {
+    let store: Arc<dyn CredentialStore> = Arc::new(platform::store()?);
+    Ok(Arc::new(StoreEntry::new(store, profile)))
+}
+
 /// Asks the app's provider for the password.
 pub(crate) fn provider_password(
     provider: &dyn CredentialProvider,
@@ -65,13 +82,32 @@ pub(crate) fn provider_password(
         })
 }
 
+/// The app's provider as the core's [`SecretSource`].
+pub(crate) struct ProviderSource {
+    pub(crate) provider: Arc<dyn CredentialProvider>,
+    pub(crate) server_url: String,
+    pub(crate) username: String,
+}
+
+impl SecretSource for ProviderSource {
+    fn read(&self) -> Result<Option<Secret>, StoreError> {
+        match self
+            .provider
+            .app_password(self.server_url.clone(), self.username.clone())
+        {
+            Ok(password) => Ok(password.map(Secret::new).filter(|s| !s.is_empty())),
+            Err(err) => Err(StoreError::Provider(err.to_string())),
+        }
+    }
+}
+
 /// iOS, macOS, Linux, Windows: the core's keyring store (on iOS the Apple *protected* store,
 /// the data-protection keychain).
 #[cfg(not(target_os = "android"))]
 mod platform {
-    use credproxy::credentials::{CredentialStore, KeyringStore, StoreError};
+    use credproxy::credentials::{KeyringStore, StoreError};
 
-    pub(super) fn store() -> Result<impl CredentialStore, StoreError> {
+    pub(super) fn store() -> Result<KeyringStore, StoreError> {
         Ok(KeyringStore::new())
     }
 }

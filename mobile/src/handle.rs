@@ -3,9 +3,10 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use credproxy::credentials::Scheme;
 use credproxy::embed::{EmbedOptions, Embedded, Snapshot};
 use credproxy::proxy::Proxy;
+use credproxy::proxy::live::{LiveCredentials, Reload};
+use credproxy::serve::Site;
 
 use crate::config::ProxyConfig;
 use crate::error::MobileError;
@@ -16,14 +17,24 @@ use crate::logging;
 pub fn start_proxy(config: ProxyConfig) -> Result<Arc<ProxyHandle>, MobileError> {
     let settings = config.settings()?;
     let password = config.password(&settings)?;
-    let mut options = EmbedOptions {
+    let options = EmbedOptions {
         log: logging::sink(),
         ..EmbedOptions::default()
     };
-    options.server.local_token = config.local_token(&settings)?;
-    let proxy = Proxy::new(settings, &Scheme::Basic, &password)?;
+    let local_token = config.local_token(&settings)?;
+    let credentials = LiveCredentials::new(
+        config.scheme()?,
+        settings.username.clone(),
+        config.source(&settings)?,
+        Some(password),
+    );
+    let proxy = Proxy::new(settings, credentials)?;
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
-    let inner = Embedded::start(proxy, listen, options)?;
+    let site = Site {
+        local_token,
+        ..Site::new(proxy)
+    };
+    let inner = Embedded::start(site, listen, options)?;
     Ok(Arc::new(ProxyHandle { inner }))
 }
 
@@ -44,6 +55,15 @@ pub struct ProxyStats {
     pub bytes_down: u64,
     /// The most recent warning or error, such as an unreachable server or rejected credentials.
     pub last_error: Option<String>,
+    /// Where the credentials stand: `not yet used`, `accepted`, `rejected`, `missing` or
+    /// `unusable`.
+    pub credentials_state: String,
+    /// When the gate last accepted them (RFC 3339, UTC).
+    pub last_accepted: Option<String>,
+    /// Since when the gate rejects them (RFC 3339, UTC).
+    pub rejected_since: Option<String>,
+    /// Seconds left before they are sent again, while rejected.
+    pub backoff_seconds: Option<u64>,
 }
 
 #[uniffi::export]
@@ -69,9 +89,15 @@ impl ProxyHandle {
         self.inner.stop();
     }
 
-    /// Requests and bytes so far, and the last error.
+    /// Requests and bytes so far, the last error, and where the credentials stand.
     pub fn stats(&self) -> ProxyStats {
         self.inner.snapshot().into()
+    }
+
+    /// Reads the credentials again now (after the app saved new ones): true when they changed,
+    /// and the next request uses them. Blocks briefly; call it off the UI thread.
+    pub fn reload_credentials(&self) -> Result<bool, MobileError> {
+        Ok(self.inner.reload_credentials()? == Reload::Changed)
     }
 }
 
@@ -82,6 +108,10 @@ impl From<Snapshot> for ProxyStats {
             bytes_up: s.bytes_up,
             bytes_down: s.bytes_down,
             last_error: s.last_error,
+            credentials_state: s.credentials.state.to_owned(),
+            last_accepted: s.credentials.last_accepted,
+            rejected_since: s.credentials.rejected_since,
+            backoff_seconds: s.credentials.backoff_seconds,
         }
     }
 }

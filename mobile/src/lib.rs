@@ -25,7 +25,7 @@ pub mod handle;
 pub mod logging;
 
 pub use check::{CheckResult, CheckStatus};
-pub use config::{Credentials, ProxyConfig};
+pub use config::{AuthScheme, Credentials, ProxyConfig};
 pub use credentials::CredentialProvider;
 pub use error::MobileError;
 pub use handle::{ProxyHandle, ProxyStats, start_proxy};

@@ -136,6 +136,13 @@ async fn python_drives_the_proxy_against_the_gated_host() {
     // The generated module loads the library from its own directory.
     std::fs::copy(&library, out.path().join(library.file_name().unwrap())).unwrap();
     let mock = Mock::start().await;
+    let cf = Mock::start().await;
+    cf.gate_wants(&[
+        ("cf-access-client-id", "team.access"),
+        ("cf-access-client-secret", "cf-secret-9"),
+    ]);
+    let pangolin = Mock::start().await;
+    pangolin.gate_wants(&[("p-access-token-id", "tid-1"), ("p-access-token", "tok-2")]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bindings_test.py");
     let mut python = Command::new("python3");
     python
@@ -145,13 +152,17 @@ async fn python_drives_the_proxy_against_the_gated_host() {
         .env("MOCK_CA_PEM", &mock.ca_pem)
         .env("MOCK_USERNAME", &mock.username)
         .env("MOCK_PASSWORD", &mock.password)
+        .env("MOCK_CF_URL", cf.url())
+        .env("MOCK_CF_CA_PEM", &cf.ca_pem)
+        .env("MOCK_HEADER_URL", pangolin.url())
+        .env("MOCK_HEADER_CA_PEM", &pangolin.ca_pem)
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let output = tokio::task::spawn_blocking(move || run(&mut python))
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     println!("{stdout}");
-    assert!(stdout.contains("8 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("10 passed, 0 failed"), "{stdout}");
     // The proxy's requests reached the mock with the credentials (one exchange per session).
     assert!(
         mock.state
@@ -189,7 +200,7 @@ fn normalized(code: &str) -> String {
 /// Signatures the README's Kotlin snippets rely on.
 const KOTLIN_API: &[&str] = &[
     "fun `startProxy`(`config`: ProxyConfig): ProxyHandle",
-    "data class ProxyConfig (var `serverUrl`: kotlin.String, var `username`: kotlin.String, var `credentials`: Credentials, var `listenPort`: kotlin.UShort = 0u, var `caPem`: kotlin.String? = null, var `pin`: kotlin.String? = null, var `localAuth`: kotlin.Boolean = false, var `localToken`: kotlin.String? = null)",
+    "data class ProxyConfig (var `serverUrl`: kotlin.String, var `username`: kotlin.String, var `credentials`: Credentials, var `auth`: AuthScheme? = null, var `listenPort`: kotlin.UShort = 0u, var `caPem`: kotlin.String? = null, var `pin`: kotlin.String? = null, var `localAuth`: kotlin.Boolean = false, var `localToken`: kotlin.String? = null)",
     "data class Provider(val `provider`: uniffi.credproxy_mobile.CredentialProvider)",
     "data class Keyring(val `profile`: kotlin.String)",
     "fun `appPassword`(`serverUrl`: kotlin.String, `username`: kotlin.String): kotlin.String?",
@@ -198,6 +209,8 @@ const KOTLIN_API: &[&str] = &[
     "fun `localUrl`(): kotlin.String",
     "fun `stop`()",
     "fun `stats`(): ProxyStats",
+    "fun `reloadCredentials`(): kotlin.Boolean",
+    "data class Header(val `names`: List<kotlin.String>)",
     "fun `check`(`config`: ProxyConfig): List<CheckResult>",
     "fun `saveAppPassword`(`profile`: kotlin.String, `password`: kotlin.String)",
     "sealed class MobileException",
@@ -208,13 +221,15 @@ const KOTLIN_API: &[&str] = &[
 /// Signatures the README's Swift snippets rely on.
 const SWIFT_API: &[&str] = &[
     "public func startProxy(config: ProxyConfig)throws -> ProxyHandle",
-    "public init(serverUrl: String, username: String, credentials: Credentials, listenPort: UInt16 = UInt16(0), caPem: String? = nil, pin: String? = nil, localAuth: Bool = false, localToken: String? = nil)",
+    "public init(serverUrl: String, username: String, credentials: Credentials, auth: AuthScheme? = nil, listenPort: UInt16 = UInt16(0), caPem: String? = nil, pin: String? = nil, localAuth: Bool = false, localToken: String? = nil)",
     "case provider(provider: CredentialProvider)",
     "case keyring(profile: String)",
     "public protocol CredentialProvider: AnyObject, Sendable { func appPassword(serverUrl: String, username: String) throws -> String?",
     "public protocol Logger: AnyObject, Sendable { func log(level: LogLevel, target: String, message: String) throws",
     "func localUrl() -> String",
     "func stop()",
+    "func reloadCredentials()throws -> Bool",
+    "case cloudflareAccess",
     "public func check(config: ProxyConfig)throws -> [CheckResult]",
     "public func saveAppPassword(profile: String, password: String)throws",
     "enum MobileError: Swift.Error",

@@ -2,8 +2,10 @@
 
 Run by mobile/tests/bindings.rs, which builds the library, generates the bindings into
 CREDPROXY_BINDINGS_DIR and starts the mock; the mock's URL, CA, username and password arrive in
-MOCK_URL, MOCK_CA_PEM, MOCK_USERNAME and MOCK_PASSWORD. Standard library only; everything it
-talks to is on loopback.
+MOCK_URL, MOCK_CA_PEM, MOCK_USERNAME and MOCK_PASSWORD; two more mocks gate by headers instead
+(MOCK_CF_URL/MOCK_CF_CA_PEM wants a Cloudflare Access service token, MOCK_HEADER_URL/
+MOCK_HEADER_CA_PEM Pangolin's token pair). Standard library only; everything it talks to is on
+loopback.
 """
 
 import gc
@@ -12,6 +14,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import base64
 import traceback
 import urllib.error
@@ -26,6 +29,8 @@ URL = os.environ["MOCK_URL"]
 CA_PEM = os.environ["MOCK_CA_PEM"]
 USERNAME = os.environ["MOCK_USERNAME"]
 PASSWORD = os.environ["MOCK_PASSWORD"]
+CF_URL, CF_CA_PEM = os.environ["MOCK_CF_URL"], os.environ["MOCK_CF_CA_PEM"]
+HEADER_URL, HEADER_CA_PEM = os.environ["MOCK_HEADER_URL"], os.environ["MOCK_HEADER_CA_PEM"]
 WAIT = 20  # seconds: an upper bound for events that normally arrive in milliseconds
 
 
@@ -309,6 +314,51 @@ def test_checks_are_records(logger):
     assert [r.status for r in results][:3] == [passed, passed, failed], results
 
 
+def test_a_provider_that_changes_its_answer_heals_the_proxy(logger):
+    provider = Provider("an-expired-app-password")
+    handle = cm.start_proxy(config(credentials=cm.Credentials.PROVIDER(provider=provider)))
+    base = f"http://127.0.0.1:{handle.port()}"
+    status, body = get(f"{base}/api/server/ping")
+    assert status == 502 and body["error"] == "credentials_rejected", body
+    assert handle.stats().credentials_state == "rejected", handle.stats()
+    # The user saves a fresh app password in the app; nothing restarts the proxy.
+    provider.password = PASSWORD
+    deadline = time.monotonic() + WAIT
+    while get(f"{base}/api/server/ping")[0] != 200:
+        assert time.monotonic() < deadline, "the proxy never asked the provider again"
+        time.sleep(0.05)
+    stats = handle.stats()
+    assert stats.credentials_state == "accepted" and stats.last_accepted, stats
+    assert len(provider.calls) >= 2, provider.calls
+    assert handle.reload_credentials() is False
+    provider.password = "saved-again"
+    assert handle.reload_credentials() is True
+    handle.stop()
+
+
+def test_every_scheme_serves_and_checks(logger):
+    schemes = [
+        (CF_URL, CF_CA_PEM, cm.AuthScheme.CLOUDFLARE_ACCESS(), "team.access\ncf-secret-9"),
+        (
+            HEADER_URL,
+            HEADER_CA_PEM,
+            cm.AuthScheme.HEADER(names=["P-Access-Token-Id", "P-Access-Token"]),
+            "tid-1\ntok-2",
+        ),
+    ]
+    for url, ca_pem, auth, secret in schemes:
+        fields = dict(server_url=url, ca_pem=ca_pem, username="", auth=auth)
+        handle = cm.start_proxy(config(password=secret, **fields))
+        status, body = get(f"http://127.0.0.1:{handle.port()}/api/server/ping")
+        assert status == 200 and body == {"res": "pong"}, (auth, status, body)
+        handle.stop()
+        results = cm.check(config(password=secret, **fields))
+        assert all(r.status == cm.CheckStatus.PASS for r in results), (auth, results)
+        results = cm.check(config(password="wrong\nvalues", **fields))
+        by_name = {r.name: r for r in results}
+        assert by_name["credentials"].status == cm.CheckStatus.FAIL, (auth, results)
+
+
 def main():
     logger = Logger()
     cm.set_logger(logger, cm.LogLevel.INFO)
@@ -321,6 +371,8 @@ def main():
         test_local_credential,
         test_keyring_profile,
         test_checks_are_records,
+        test_a_provider_that_changes_its_answer_heals_the_proxy,
+        test_every_scheme_serves_and_checks,
     ]
     failed = 0
     for test in tests:

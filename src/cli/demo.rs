@@ -24,7 +24,7 @@ use crate::diagnose::check::{Checker, PING_PATH};
 use crate::error::Error;
 use crate::proxy::gate::OUTPOST_START;
 use crate::proxy::{Proxy, ProxySettings};
-use crate::serve::{self, ServeOptions};
+use crate::serve::{self, ServeOptions, Site};
 use crate::upstream::{ClientOptions, TlsTrust};
 
 /// `GET path` from the proxy at `addr`, as a client with no credentials would send it.
@@ -210,7 +210,7 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
         idle_timeout: Duration::from_secs(60),
         fix: "run `credproxy demo` again: it makes a fresh stand-in and password".to_owned(),
     };
-    let proxy = Proxy::new(settings, &Scheme::Basic, &standin.password)?;
+    let proxy = Proxy::with_secret(settings, &Scheme::Basic, &standin.password)?;
     let listener = super::bind(listen).await?;
     let local = listener.local_addr().map_err(|source| Error::Listen {
         addr: listen,
@@ -219,7 +219,7 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(serve::run(
         listener,
-        proxy,
+        Site::new(proxy),
         ServeOptions::default(),
         async move {
             let _ = stop_rx.await;

@@ -93,13 +93,16 @@ pub async fn run(
         username: &profile.username,
         scheme: &profile.auth,
         secret: secret.as_ref(),
-        login_command: login,
+        login_command: login.clone(),
     })
     .await;
     network.iter().for_each(report);
+    let running = super::running::doctor_step(config, &profile.name, &login).await;
+    report(&running);
     let failed = steps
         .iter()
         .chain(&network)
+        .chain([&running])
         .filter(|s| s.status == Status::Fail)
         .count();
     if failed > 0 {

@@ -104,6 +104,7 @@ pub async fn run(
         config.path().display(),
         profile_flag(&profile.name)
     );
+    super::running::tell(config, &profile.name, true).await;
     Ok(())
 }
 

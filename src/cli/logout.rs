@@ -29,5 +29,6 @@ pub async fn run(
         config.save(&file)?;
     }
     eprintln!("credproxy: removed profile '{name}' and its keyring entry");
+    super::running::tell(config, &name, false).await;
     Ok(())
 }

@@ -14,6 +14,7 @@ mod error;
 mod login;
 mod logout;
 mod profiles;
+mod running;
 mod serve;
 pub mod service;
 

@@ -121,6 +121,8 @@ After=network-online.target
 [Service]
 Type=exec
 ExecStart={exec}
+# `systemctl --user reload`: read the config file and the credentials again, no restart.
+ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=5s
 # Hardening built on seccomp and no_new_privs only: user managers often cannot create the
@@ -799,6 +801,7 @@ mod tests {
         ));
         for line in [
             "Restart=on-failure",
+            "ExecReload=/bin/kill -HUP $MAINPID",
             "After=network-online.target",
             "Wants=network-online.target",
             "WantedBy=default.target",

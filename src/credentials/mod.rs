@@ -37,6 +37,38 @@ pub trait CredentialStore: Send + Sync {
     fn delete(&self, profile: &str) -> Result<bool, StoreError>;
 }
 
+/// Where one profile's secret is read from, and read again whenever it may have changed (the
+/// gate rejected it, the user reloaded, an app stored a new one).
+///
+/// Reads may block (a D-Bus round trip, an app's keystore): async code runs them on a
+/// blocking thread.
+pub trait SecretSource: Send + Sync {
+    /// The secret stored now, or `None` when there is none (logged out, never stored).
+    fn read(&self) -> Result<Option<Secret>, StoreError>;
+}
+
+/// A profile's entry in a credential store, as a [`SecretSource`].
+pub struct StoreEntry {
+    store: std::sync::Arc<dyn CredentialStore>,
+    account: String,
+}
+
+impl StoreEntry {
+    /// The entry of `profile` in `store`.
+    pub fn new(store: std::sync::Arc<dyn CredentialStore>, profile: &str) -> Self {
+        Self {
+            store,
+            account: profile.to_owned(),
+        }
+    }
+}
+
+impl SecretSource for StoreEntry {
+    fn read(&self) -> Result<Option<Secret>, StoreError> {
+        Ok(self.store.get(&self.account)?.filter(|s| !s.is_empty()))
+    }
+}
+
 /// The local client credential of `profile` (what `serve --local-auth` and an app's
 /// `local_auth` require from clients), made and stored on first use.
 pub fn local_token(store: &dyn CredentialStore, profile: &str) -> Result<Secret, StoreError> {

@@ -223,6 +223,13 @@ impl Injection {
         }
     }
 
+    /// No headers at all (nothing is stored, or the scheme needs none).
+    pub fn none() -> Self {
+        Self {
+            headers: Vec::new(),
+        }
+    }
+
     /// Sets every injected header, replacing whatever the client sent under those names.
     pub fn apply(&self, headers: &mut HeaderMap) {
         for (name, value) in &self.headers {

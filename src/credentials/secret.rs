@@ -46,6 +46,13 @@ impl fmt::Display for Secret {
     }
 }
 
+/// A secret that never changes is its own source (the demo, tests).
+impl super::SecretSource for Secret {
+    fn read(&self) -> Result<Option<Secret>, super::StoreError> {
+        Ok(Some(self.clone()))
+    }
+}
+
 impl From<String> for Secret {
     fn from(value: String) -> Self {
         Self::new(value)

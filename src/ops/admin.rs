@@ -14,30 +14,37 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::proxy::Proxy;
 use crate::proxy::stats::{LATENCY_BOUNDS, Stats};
-use crate::serve::accept_or_pause;
 use crate::serve::guard::Guards;
+use crate::serve::{Site, accept_or_pause};
 
-/// Serves `/healthz` and `/metrics` for `proxies` on `listener` until `shutdown` resolves.
-/// Requests must name the listener as their Host, as on the proxy port.
-pub async fn run(listener: TcpListener, proxies: Vec<Proxy>, shutdown: impl Future<Output = ()>) {
+/// Serves `/healthz` and `/metrics` for the profiles of `sites` (whatever each listener
+/// serves now) on `listener` until `shutdown` resolves. Requests must name the listener as
+/// their Host, as on the proxy port.
+pub async fn run(
+    listener: TcpListener,
+    sites: Vec<watch::Receiver<Site>>,
+    shutdown: impl Future<Output = ()>,
+) {
     let guards = Arc::new(match listener.local_addr() {
         Ok(addr) => Guards::for_listener(addr, &[], None),
         Err(_) => Guards::refuse_all(),
     });
-    let proxies = Arc::new(proxies);
+    let sites = Arc::new(sites);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
             (stream, _) = accept_or_pause(|| listener.accept()) => stream,
         };
-        let proxies = proxies.clone();
+        let sites = sites.clone();
         let guards = guards.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let proxies: Vec<Proxy> = sites.iter().map(|s| s.borrow().proxy.clone()).collect();
                 let answer = match guards.check(req.headers()) {
                     Ok(()) => answer(&req, &proxies),
                     Err(refusal) => text(refusal.status(), refusal.message()),
@@ -57,16 +64,7 @@ fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => {
-            let profiles: Vec<_> = proxies
-                .iter()
-                .map(|p| {
-                    serde_json::json!({
-                        "profile": p.settings().profile,
-                        "server": p.settings().server.to_string(),
-                        "credentials_rejected": p.credentials_rejected(),
-                    })
-                })
-                .collect();
+            let profiles: Vec<_> = proxies.iter().map(profile_health).collect();
             let body = serde_json::json!({"status": "ok", "profiles": profiles});
             Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
@@ -85,6 +83,18 @@ fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
         }
         _ => text(StatusCode::NOT_FOUND, "try /healthz or /metrics".to_owned()),
     }
+}
+
+/// One profile's health as JSON: its server and where its credentials stand with the gate
+/// (`/healthz`, and what `credproxy doctor` asks a running proxy for).
+pub fn profile_health(proxy: &Proxy) -> serde_json::Value {
+    let standing = proxy.credentials().health().standing();
+    serde_json::json!({
+        "profile": proxy.settings().profile,
+        "server": proxy.settings().server.to_string(),
+        "credentials_rejected": standing.backoff_seconds.is_some(),
+        "credentials": standing,
+    })
 }
 
 fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {

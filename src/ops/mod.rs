@@ -1,7 +1,9 @@
 //! Operations: how a running proxy is watched.
 //!
-//! Owns: [`logging`] (the binary's log format and batched writes to standard error) and
-//! [`admin`] (the optional `/healthz` and Prometheus `/metrics` listener).
+//! Owns: [`logging`] (the binary's log format and batched writes to standard error),
+//! [`admin`] (the optional `/healthz` and Prometheus `/metrics` listener) and [`control`]
+//! (the socket through which `login`, `logout` and `doctor` reach a running proxy).
 
 pub mod admin;
+pub mod control;
 pub mod logging;

@@ -1,20 +1,7 @@
 //! The gate in front of Immich: recognising the Authentik proxy outpost's answers (login
-//! redirects, header-auth rejections) and the back-off that stops credproxy from sending
-//! rejected credentials again and again.
-
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+//! redirects, header-auth rejections).
 
 use http::{HeaderMap, StatusCode, header};
-use tokio::time::Instant;
-
-use crate::sync::lock;
-
-/// The first back-off after the gate rejects the credentials; doubles up to [`MAX_BACKOFF`].
-pub const FIRST_BACKOFF: Duration = Duration::from_secs(5);
-/// The longest back-off between attempts with rejected credentials.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
 /// The path the outpost redirects unauthenticated requests to.
 pub const OUTPOST_START: &str = "/outpost.goauthentik.io/start";
@@ -86,73 +73,6 @@ fn is_html(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Stops sending rejected credentials for a growing pause, so Authentik is not hammered
-/// (every failed Basic check costs it a token-endpoint call and may feed reputation policies).
-#[derive(Default)]
-pub struct Backoff {
-    state: Mutex<Option<Rejection>>,
-    active: AtomicBool,
-}
-
-#[derive(Clone, Copy)]
-struct Rejection {
-    until: Instant,
-    delay: Duration,
-    verdict: Verdict,
-}
-
-impl Backoff {
-    /// The time left in the current pause, if one is running.
-    pub fn active(&self) -> Option<Duration> {
-        if !self.active.load(Ordering::Relaxed) {
-            return None;
-        }
-        let now = Instant::now();
-        lock(&self.state)
-            .filter(|r| r.until > now)
-            .map(|r| r.until - now)
-    }
-
-    /// The verdict of the last rejection.
-    pub fn verdict(&self) -> Verdict {
-        lock(&self.state).map_or(Verdict::Rejected, |r| r.verdict)
-    }
-
-    /// Records a rejection and returns the pause now in force.
-    pub fn reject(&self, verdict: Verdict, profile: &str, server: &str, fix: &str) -> Duration {
-        let now = Instant::now();
-        let mut state = lock(&self.state);
-        if let Some(r) = *state
-            && r.until > now
-        {
-            // Requests already in flight when the pause began: same burst.
-            return r.until - now;
-        }
-        let delay = state.map_or(FIRST_BACKOFF, |r| (r.delay * 2).min(MAX_BACKOFF));
-        *state = Some(Rejection {
-            until: now + delay,
-            delay,
-            verdict,
-        });
-        self.active.store(true, Ordering::Relaxed);
-        tracing::warn!(
-            "{} for profile '{profile}' at {server}; not sending them again for {} s. Fix: {fix}",
-            verdict.explain(),
-            delay.as_secs(),
-        );
-        delay
-    }
-
-    /// Forgets any rejection: the gate accepted the credentials.
-    pub fn clear(&self) {
-        // Read first: a write on every passed request would move this line between cores.
-        if self.active.load(Ordering::Relaxed) && self.active.swap(false, Ordering::Relaxed) {
-            *lock(&self.state) = None;
-            tracing::info!("the gate accepts the credentials again");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,44 +122,5 @@ mod tests {
             Verdict::Passed
         );
         assert_eq!(classify(StatusCode::OK, &gate), Verdict::Passed);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn backoff_doubles_to_a_cap_and_clears_on_success() {
-        let backoff = Backoff::default();
-        assert_eq!(backoff.active(), None);
-        assert_eq!(
-            backoff.reject(Verdict::Rejected, "p", "https://immich.example.com", "fix"),
-            FIRST_BACKOFF
-        );
-        assert_eq!(backoff.active(), Some(FIRST_BACKOFF));
-        // A second rejection inside the pause is the same burst: no doubling.
-        assert_eq!(
-            backoff.reject(Verdict::Rejected, "p", "https://immich.example.com", "fix"),
-            FIRST_BACKOFF
-        );
-        let mut expected = FIRST_BACKOFF;
-        for _ in 0..10 {
-            tokio::time::advance(expected).await;
-            assert_eq!(backoff.active(), None);
-            expected = (expected * 2).min(MAX_BACKOFF);
-            assert_eq!(
-                backoff.reject(
-                    Verdict::LoginRedirect,
-                    "p",
-                    "https://immich.example.com",
-                    "fix"
-                ),
-                expected
-            );
-        }
-        assert_eq!(expected, MAX_BACKOFF);
-        assert_eq!(backoff.verdict(), Verdict::LoginRedirect);
-        backoff.clear();
-        assert_eq!(backoff.active(), None);
-        assert_eq!(
-            backoff.reject(Verdict::Rejected, "p", "https://immich.example.com", "fix"),
-            FIRST_BACKOFF
-        );
     }
 }

@@ -2,14 +2,16 @@
 //! the one upstream with the profile's credentials, recognises the gate's answer and streams
 //! the response back.
 //!
-//! Owns: [`Proxy`] (one profile's service: settings, credentials, gate back-off, session jar,
-//! upstream pool, statistics) and its parts: [`rewrite`] (pure request/response rewriting),
-//! [`gate`] (the Authentik outpost's answers, back-off), [`jar`] (the gate's session
-//! cookies), [`body`] (streaming bodies, the per-exchange record) and [`stats`].
+//! Owns: [`Proxy`] (one profile's service: settings, live credentials, upstream pool,
+//! statistics) and its parts: [`rewrite`] (pure request/response rewriting), [`gate`] (the
+//! Authentik outpost's answers), [`live`] (credentials as live state: re-read, back-off,
+//! standing with the gate), [`jar`] (the gate's session cookies), [`body`] (streaming bodies,
+//! the per-exchange record) and [`stats`].
 
 pub mod body;
 pub mod gate;
 pub mod jar;
+pub mod live;
 pub mod rewrite;
 pub mod stats;
 
@@ -25,12 +27,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use self::body::{Direction, Exchange, Full, ResponseBody, Tracked};
-use self::gate::{Backoff, Verdict};
-use self::jar::SessionJar;
+use self::gate::Verdict;
+use self::live::{Blocked, LiveCredentials, Unusable};
 use self::rewrite::{Target, rewrite_request, rewrite_response, upgrade_protocol};
 pub use self::stats::Stats;
 use crate::config::{Profile, ServerUrl};
-use crate::credentials::{Injection, Scheme, Secret};
+use crate::credentials::{Scheme, Secret, SecretSource};
 use crate::error::Result;
 use crate::upstream::{self, ClientOptions, FailureKind, Pool, SendError, TlsTrust};
 
@@ -81,16 +83,39 @@ pub struct Proxy {
 struct Inner {
     settings: ProxySettings,
     target: Target,
-    credentials: Injection,
+    credentials: LiveCredentials,
     pool: Pool<Tracked<Incoming>>,
-    backoff: Backoff,
-    jar: SessionJar,
     stats: Arc<Stats>,
 }
 
 impl Proxy {
-    /// Builds the proxy for an auth scheme; `secret` holds the scheme's stored value(s).
-    pub fn new(settings: ProxySettings, scheme: &Scheme, secret: &Secret) -> Result<Self> {
+    /// Builds the proxy: its TLS client and upstream pool, over live credentials.
+    pub fn new(settings: ProxySettings, credentials: LiveCredentials) -> Result<Self> {
+        Self::build(settings, credentials, Arc::default())
+    }
+
+    /// Builds the proxy that takes over from `previous` (new settings after a reload): it
+    /// counts on in the same statistics.
+    pub fn replacing(
+        previous: &Proxy,
+        settings: ProxySettings,
+        credentials: LiveCredentials,
+    ) -> Result<Self> {
+        Self::build(settings, credentials, previous.inner.stats.clone())
+    }
+
+    /// Builds a proxy whose credentials are `secret`, never read again (the demo, tests).
+    pub fn with_secret(settings: ProxySettings, scheme: &Scheme, secret: &Secret) -> Result<Self> {
+        let source: Arc<dyn SecretSource> = Arc::new(secret.clone());
+        let credentials = LiveCredentials::load(scheme.clone(), settings.username.clone(), source)?;
+        Self::new(settings, credentials)
+    }
+
+    fn build(
+        settings: ProxySettings,
+        credentials: LiveCredentials,
+        stats: Arc<Stats>,
+    ) -> Result<Self> {
         let tls = settings.trust.client_config(&[])?;
         let target = Target::new(&settings.server);
         let options = &settings.client;
@@ -102,13 +127,11 @@ impl Proxy {
         );
         Ok(Self {
             inner: Arc::new(Inner {
-                credentials: scheme.injection(&settings.username, secret)?,
+                credentials,
                 target,
                 pool,
                 settings,
-                backoff: Backoff::default(),
-                jar: SessionJar::new(),
-                stats: Arc::default(),
+                stats,
             }),
         })
     }
@@ -130,9 +153,9 @@ impl Proxy {
         &self.inner.stats
     }
 
-    /// Whether the gate's last answer rejected the credentials and a back-off is running.
-    pub fn credentials_rejected(&self) -> bool {
-        self.inner.backoff.active().is_some()
+    /// The profile's credentials: their standing with the gate, and a reload.
+    pub fn credentials(&self) -> &LiveCredentials {
+        &self.inner.credentials
     }
 
     /// The settings this proxy runs with.
@@ -164,15 +187,16 @@ impl Proxy {
             req.uri(),
             inner.stats.clone(),
         ));
-        if let Some(remaining) = inner.backoff.active() {
-            return inner.rejection_response(&exchange, inner.backoff.verdict(), remaining);
-        }
+        let loaded = match inner.credentials.admit().await {
+            Ok(loaded) => loaded,
+            Err(blocked) => return inner.blocked_response(&exchange, &blocked),
+        };
         let client_upgrade = upgrade_protocol(req.headers()).map(|_| hyper::upgrade::on(&mut req));
         // Kept (a reference-counted clone) to point upstream redirects back at this origin.
         let client_host = req.headers().get(header::HOST).cloned();
         let (mut parts, body) = req.into_parts();
-        let session = inner.jar.cookie_header();
-        if let Err(err) = rewrite_request(&mut parts, &inner.target, &inner.credentials, session) {
+        let session = inner.credentials.jar().cookie_header();
+        if let Err(err) = rewrite_request(&mut parts, &inner.target, loaded.injection(), session) {
             return inner.error_response(
                 &exchange,
                 StatusCode::BAD_REQUEST,
@@ -188,17 +212,18 @@ impl Proxy {
             Err(err) => return inner.upstream_failure(&exchange, &err),
         };
         match gate::classify(response.status(), response.headers()) {
-            Verdict::Passed => inner.backoff.clear(),
+            Verdict::Passed => inner.credentials.passed(&loaded),
             verdict => {
-                inner.jar.clear();
-                let settings = &inner.settings;
-                let remaining = inner.backoff.reject(
-                    verdict,
-                    &settings.profile,
-                    &settings.server.to_string(),
-                    &settings.fix,
-                );
-                return inner.rejection_response(&exchange, verdict, remaining);
+                let (blocked, began) = inner.credentials.rejected(&loaded, verdict);
+                if let Some(pause) = began {
+                    tracing::warn!(
+                        "{}; not sending them again for {} s. Fix: {}",
+                        inner.blocked_message(&blocked),
+                        pause.as_secs(),
+                        inner.settings.fix
+                    );
+                }
+                return inner.blocked_response(&exchange, &blocked);
             }
         }
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -208,7 +233,7 @@ impl Proxy {
             tokio::spawn(bridge(client_upgrade, upstream_upgrade, exchange.clone()));
         }
         let (mut parts, body) = response.into_parts();
-        inner.jar.absorb(&mut parts.headers);
+        inner.credentials.jar().absorb(&mut parts.headers);
         rewrite_response(&mut parts, &inner.target, client_host.as_ref());
         exchange.set_status(parts.status);
         let body = Tracked::new(body, exchange, Direction::Down, idle);
@@ -241,31 +266,63 @@ async fn bridge(
 }
 
 impl Inner {
-    fn rejection_response(
-        &self,
-        exchange: &Exchange,
-        verdict: Verdict,
-        retry_after: Duration,
-    ) -> Response<ResponseBody> {
+    /// The answer to a request that was not sent because of the credentials: a 502 whose
+    /// JSON names the profile, what is wrong and the fix (`credproxy login …`).
+    fn blocked_response(&self, exchange: &Exchange, blocked: &Blocked) -> Response<ResponseBody> {
         self.stats.auth_rejections.fetch_add(1, Ordering::Relaxed);
-        let secs = retry_after.as_secs().max(1);
-        let message = format!(
-            "{} for profile '{}' at {}; credproxy pauses sending them for {secs} s so Authentik is not flooded",
-            verdict.explain(),
-            self.settings.profile,
-            self.settings.server
-        );
+        let code = match blocked {
+            Blocked::Rejected { .. } => "credentials_rejected",
+            Blocked::Unusable(Unusable::Missing) => "credentials_missing",
+            Blocked::Unusable(Unusable::Invalid(_)) => "credentials_unusable",
+        };
         let mut response = self.error_response(
             exchange,
             StatusCode::BAD_GATEWAY,
-            "credentials_rejected",
-            message,
+            code,
+            self.blocked_message(blocked),
             Some(self.settings.fix.clone()),
         );
+        if let Blocked::Rejected { retry_after, .. } = blocked {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+        }
         response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        response
+    }
+
+    /// What is wrong with the credentials, in words for the client and the log.
+    fn blocked_message(&self, blocked: &Blocked) -> String {
+        let profile = &self.settings.profile;
+        let server = &self.settings.server;
+        match blocked {
+            Blocked::Unusable(Unusable::Missing) => format!(
+                "no credentials are stored for profile '{profile}' (logged out, or never logged in): credproxy sends nothing to {server} until they are"
+            ),
+            Blocked::Unusable(Unusable::Invalid(reason)) => {
+                format!("the credentials stored for profile '{profile}' cannot be used: {reason}")
+            }
+            Blocked::Rejected {
+                verdict,
+                since,
+                accepted_until,
+                retry_after,
+            } => {
+                let pause = retry_after.as_secs().max(1);
+                match accepted_until {
+                    Some(until) => format!(
+                        "the gate at {server} accepted the credentials of profile '{profile}' until {} and rejects them since {}: {}; credproxy pauses sending them for {pause} s so the gate is not flooded",
+                        crate::utc::seconds(*until),
+                        crate::utc::seconds(*since),
+                        expiry_note(self.credentials.scheme()),
+                    ),
+                    None => format!(
+                        "{} for profile '{profile}' at {server}; credproxy pauses sending them for {pause} s so Authentik is not flooded",
+                        verdict.explain()
+                    ),
+                }
+            }
+        }
     }
 
     fn upstream_failure(&self, exchange: &Exchange, err: &SendError) -> Response<ResponseBody> {
@@ -333,5 +390,18 @@ impl Inner {
             .header(header::CACHE_CONTROL, "no-store")
             .body(Either::Right(Full::new(Bytes::from(body.to_string()))))
             .expect("a static status and valid headers build a response")
+    }
+}
+
+/// Why credentials the gate accepted before are rejected now, almost always, per scheme.
+fn expiry_note(scheme: &Scheme) -> &'static str {
+    match scheme {
+        Scheme::Basic => {
+            "the app password has probably expired or been revoked; Authentik service-account tokens expire after 360 days unless created as non-expiring"
+        }
+        Scheme::CloudflareAccess => {
+            "the service token has probably expired or been revoked; Cloudflare Access service tokens expire at the end of the duration chosen when they were made (a year by default)"
+        }
+        Scheme::Header(_) => "the values have probably expired or been revoked",
     }
 }

@@ -1,8 +1,9 @@
 //! The network edge towards clients: the accept loop over an already-bound listener, the
 //! connection limit, the listener's guards, and a graceful drain when shutdown begins.
 //!
-//! Owns: [`run`], the one way credproxy serves (the binary and the embedded library alike),
-//! [`ServeOptions`], and [`guard`] (exact Host names, no foreign Origin, local credential).
+//! Owns: [`run_sites`], the one way credproxy serves (the binary and the embedded library
+//! alike), [`Site`] (what a listener serves, replaced on reload), [`ServeOptions`], and
+//! [`guard`] (exact Host names, no foreign Origin, local credential).
 
 pub mod guard;
 
@@ -18,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -42,10 +43,29 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How long in-flight requests may run on after shutdown begins.
     pub drain_timeout: Duration,
+}
+
+/// What a listener serves: a profile's proxy and who may use it. A reload replaces it whole
+/// (see [`run_sites`]).
+#[derive(Clone)]
+pub struct Site {
+    /// The profile's proxy.
+    pub proxy: Proxy,
     /// Host names served besides the listener's loopback names (`name` or `name:port`).
     pub allow_hosts: Vec<String>,
     /// The local credential clients must present, when local auth is on.
     pub local_token: Option<Secret>,
+}
+
+impl Site {
+    /// `proxy` for clients that name the listener by its loopback names, no local credential.
+    pub fn new(proxy: Proxy) -> Self {
+        Self {
+            proxy,
+            allow_hosts: Vec::new(),
+            local_token: None,
+        }
+    }
 }
 
 impl Default for ServeOptions {
@@ -55,16 +75,12 @@ impl Default for ServeOptions {
             max_header_bytes: 64 * 1024,
             max_connections: 1024,
             drain_timeout: Duration::from_secs(30),
-            allow_hosts: Vec::new(),
-            local_token: None,
         }
     }
 }
 
-/// What every connection of one listener shares.
+/// What every connection of one listener shares, whatever site it serves.
 struct Listener {
-    proxy: Proxy,
-    guards: Guards,
     builder: http1::Builder,
     max_connections: usize,
     slots: Arc<Semaphore>,
@@ -78,23 +94,60 @@ impl Listener {
     }
 }
 
-/// Serves `proxy` on `listener` until `shutdown` resolves, then stops accepting (the port
-/// closes), lets requests in flight finish for at most `drain_timeout`, and returns.
-///
-/// Every request first passes the listener's [`Guards`]: its exact `Host` names, no foreign
-/// `Origin`, and the local credential when one is set. It runs on whatever runtime polls it:
-/// the binary's (one thread, or a multi-thread runtime with `--threads`) or an app's.
+/// The site a connection serves: its proxy and guards, and the signal that retires it.
+struct Active {
+    proxy: Proxy,
+    guards: Guards,
+    /// Fired when shutdown begins or a reload replaces this site: its connections finish
+    /// the request in flight and close, and clients reconnect to the new one.
+    retired: CancellationToken,
+}
+
+impl Active {
+    fn new(site: &Site, addr: Option<std::net::SocketAddr>, stop: &CancellationToken) -> Self {
+        let guards = match addr {
+            Some(addr) => Guards::for_listener(addr, &site.allow_hosts, site.local_token.as_ref()),
+            // Without a known address, no Host can be matched: refuse everything rather than guess.
+            None => Guards::refuse_all(),
+        };
+        Self {
+            proxy: site.proxy.clone(),
+            guards,
+            retired: stop.child_token(),
+        }
+    }
+}
+
+/// A listener's site that never changes.
+pub fn fixed(site: Site) -> watch::Receiver<Site> {
+    watch::channel(site).1
+}
+
+/// Serves `site` on `listener` until `shutdown` resolves (see [`run_sites`]).
 pub async fn run(
     listener: TcpListener,
-    proxy: Proxy,
+    site: Site,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let guards = match listener.local_addr() {
-        Ok(addr) => Guards::for_listener(addr, &options.allow_hosts, options.local_token.as_ref()),
-        // Without a known address, no Host can be matched: refuse everything rather than guess.
-        Err(_) => Guards::refuse_all(),
-    };
+    run_sites(listener, fixed(site), options, shutdown).await;
+}
+
+/// Serves the latest site of `sites` on `listener` until `shutdown` resolves, then stops
+/// accepting (the port closes), lets requests in flight finish for at most `drain_timeout`,
+/// and returns. A new site (a reload) serves new connections at once; connections of the
+/// old one finish their request in flight and close.
+///
+/// Every request first passes the site's [`Guards`]: the listener's exact `Host` names, no
+/// foreign `Origin`, and the local credential when one is set. It runs on whatever runtime
+/// polls it: the binary's (one thread, or a multi-thread runtime with `--threads`) or an app's.
+pub async fn run_sites(
+    listener: TcpListener,
+    mut sites: watch::Receiver<Site>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let addr = listener.local_addr().ok();
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -102,8 +155,6 @@ pub async fn run(
         .max_buf_size(options.max_header_bytes.max(8192));
     let max_connections = options.max_connections.max(1);
     let shared = Arc::new(Listener {
-        proxy,
-        guards,
         builder,
         max_connections,
         slots: Arc::new(Semaphore::new(max_connections)),
@@ -112,7 +163,41 @@ pub async fn run(
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let accepting = async {
-        accept(&listener, &shared, &stop, &connections).await;
+        let mut active = Arc::new(Active::new(&sites.borrow_and_update(), addr, &stop));
+        let mut reloads = true;
+        loop {
+            let stream = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                changed = sites.changed(), if reloads => {
+                    match changed {
+                        Ok(()) => {
+                            let next = Active::new(&sites.borrow_and_update(), addr, &stop);
+                            std::mem::replace(&mut active, Arc::new(next)).retired.cancel();
+                        }
+                        // Nobody can send a new site any more.
+                        Err(_) => reloads = false,
+                    }
+                    continue;
+                }
+                (stream, _peer) = accept_or_pause(|| listener.accept()) => stream,
+            };
+            match shared.slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let stopped = active.retired.child_token();
+                    connections.spawn(serve_connection(
+                        stream,
+                        permit,
+                        shared.clone(),
+                        active.clone(),
+                        stopped,
+                    ));
+                }
+                Err(_) => {
+                    tokio::spawn(refuse_busy(stream));
+                }
+            }
+        }
         // New clients are refused while the others drain, not left waiting.
         drop(listener);
     };
@@ -137,36 +222,6 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("drain timeout reached; closing the remaining connections");
-    }
-}
-
-/// Accepts connections until `stop` fires; each one under the connection limit is served on
-/// its own task, the others get a 503.
-async fn accept(
-    listener: &TcpListener,
-    shared: &Arc<Listener>,
-    stop: &CancellationToken,
-    connections: &TaskTracker,
-) {
-    loop {
-        let stream = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            stream = accept_or_pause(|| listener.accept()) => stream.0,
-        };
-        match shared.slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                connections.spawn(serve_connection(
-                    stream,
-                    permit,
-                    shared.clone(),
-                    stop.child_token(),
-                ));
-            }
-            Err(_) => {
-                tokio::spawn(refuse_busy(stream));
-            }
-        }
     }
 }
 
@@ -205,31 +260,32 @@ async fn trim_when_idle(shared: &Listener) {
 
 /// What the requests of one client connection share: one reference-counted clone each.
 struct Client {
-    shared: Arc<Listener>,
+    site: Arc<Active>,
     lane: Lane,
 }
 
-/// Serves one client connection until it closes, or until `stop` fires and its request in
-/// flight has been answered.
+/// Serves one client connection until it closes, or until `stop` fires (shutdown, or its
+/// site was replaced) and its request in flight has been answered.
 async fn serve_connection(
     stream: TcpStream,
     permit: OwnedSemaphorePermit,
     shared: Arc<Listener>,
+    site: Arc<Active>,
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
     let client = Arc::new(Client {
         // This connection's upstream connection, driven on this task beside it.
-        lane: shared.proxy.lane(),
-        shared,
+        lane: site.proxy.lane(),
+        site,
     });
     let service = {
         let client = client.clone();
         service_fn(move |req| {
             let client = client.clone();
             async move {
-                let proxy = &client.shared.proxy;
-                let response = match client.shared.guards.check(req.headers()) {
+                let proxy = &client.site.proxy;
+                let response = match client.site.guards.check(req.headers()) {
                     Ok(()) => proxy.handle(req, &client.lane).await,
                     Err(refusal) => refuse(proxy, &req, &refusal),
                 };
@@ -237,8 +293,7 @@ async fn serve_connection(
             }
         })
     };
-    let conn = client
-        .shared
+    let conn = shared
         .builder
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -258,8 +313,8 @@ async fn serve_connection(
     }
     client.lane.release();
     drop(permit);
-    if client.shared.connected() == 0 {
-        client.shared.idle.notify_one();
+    if shared.connected() == 0 {
+        shared.idle.notify_one();
     }
 }
 
@@ -306,7 +361,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             fix: "credproxy login".to_owned(),
         };
-        Proxy::new(settings, &Scheme::Basic, &Secret::new("pw".into())).unwrap()
+        Proxy::with_secret(settings, &Scheme::Basic, &Secret::new("pw".into())).unwrap()
     }
 
     #[tokio::test(start_paused = true)]
@@ -345,7 +400,7 @@ mod tests {
             ..ServeOptions::default()
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(run(listener, proxy, options, async {
+        let running = tokio::spawn(run(listener, Site::new(proxy), options, async {
             let _ = stopped.await;
         }));
         let mut client = TcpStream::connect(addr).await.unwrap();
@@ -379,19 +434,14 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let options = ServeOptions {
+        let site = Site {
             local_token: Some(Secret::new("tok-123".into())),
-            ..ServeOptions::default()
+            ..Site::new(proxy_for("https://immich.invalid"))
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(run(
-            listener,
-            proxy_for("https://immich.invalid"),
-            options,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let running = tokio::spawn(run(listener, site, ServeOptions::default(), async {
+            let _ = stopped.await;
+        }));
         let mut client = TcpStream::connect(addr).await.unwrap();
         client
             .write_all(

@@ -80,8 +80,12 @@ pub struct MockState {
     pub closed: AtomicUsize,
     /// Signalled whenever a connection closes.
     pub closed_one: Notify,
+    /// Credential checks with wrong credentials (each one a rejection at the gate).
+    pub rejected: AtomicUsize,
     /// Valid session cookie values.
     sessions: Mutex<Vec<String>>,
+    /// The `Authorization: Basic …` value the gate accepts.
+    accepted: Mutex<String>,
 }
 
 impl MockState {
@@ -92,6 +96,21 @@ impl MockState {
     pub fn last(&self) -> Seen {
         self.seen().pop().expect("the mock saw a request")
     }
+
+    /// From now on the gate accepts only `username`/`password` (the old app password was
+    /// revoked or expired) and forgets every session won with the old one.
+    pub fn accept_only(&self, username: &str, password: &str) {
+        *self.accepted.lock().unwrap() = basic(username, password);
+        self.sessions.lock().unwrap().clear();
+    }
+}
+
+/// `Basic base64(username:password)`.
+pub fn basic(username: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+    )
 }
 
 /// A running mock.
@@ -135,10 +154,7 @@ impl Mock {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(MockState::default());
         state.cookie_max_age.store(3600, Ordering::SeqCst);
-        let expected = format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
-        );
+        state.accept_only(username, password);
         let acceptor = TlsAcceptor::from(Arc::new(tls));
         let task = {
             let state = state.clone();
@@ -146,7 +162,6 @@ impl Mock {
                 while let Ok((tcp, _)) = listener.accept().await {
                     let acceptor = acceptor.clone();
                     let state = state.clone();
-                    let expected = expected.clone();
                     tokio::spawn(async move {
                         let Ok(tls) = acceptor.accept(tcp).await else {
                             return;
@@ -156,7 +171,6 @@ impl Mock {
                         let conn_state = state.clone();
                         let service = service_fn(move |req: Request<Incoming>| {
                             let state = state.clone();
-                            let expected = expected.clone();
                             let sni = sni.clone();
                             async move {
                                 if req.uri().path() == "/die" {
@@ -173,7 +187,7 @@ impl Mock {
                                     }
                                     return Err(std::io::Error::other("mock upstream died"));
                                 }
-                                Ok(handle(req, &state, &expected, sni).await)
+                                Ok(handle(req, &state, sni).await)
                             }
                         });
                         let served = hyper::server::conn::http1::Builder::new()
@@ -199,6 +213,17 @@ impl Mock {
             _dir: dir,
             task,
         }
+    }
+
+    /// Makes the gate want these headers (Cloudflare Access or Pangolin style) instead of
+    /// Basic: all present and right passes, a wrong one gets 403, none a login redirect.
+    pub fn gate_wants(&self, pairs: &[(&str, &str)]) {
+        *self.state.gate_headers.lock().unwrap() = Some(
+            pairs
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
+        );
     }
 
     /// The mock's URL by name (TLS verifies `localhost`).
@@ -269,7 +294,6 @@ const COOKIE_NAME: &str = "authentik_proxy_5f3a9c1e";
 async fn handle(
     req: Request<Incoming>,
     state: &Arc<MockState>,
-    expected: &str,
     sni: Option<String>,
 ) -> Response<MockBody> {
     state.seen.lock().unwrap().push(Seen {
@@ -315,10 +339,14 @@ async fn handle(
         match req.headers().get(header::AUTHORIZATION) {
             Some(value) if value.as_bytes().starts_with(b"Basic ") => {
                 state.exchanges.fetch_add(1, Ordering::SeqCst);
-                if value != expected && state.redirect_wrong_credentials.load(Ordering::SeqCst) {
+                let right = *value == *state.accepted.lock().unwrap();
+                if !right {
+                    state.rejected.fetch_add(1, Ordering::SeqCst);
+                }
+                if !right && state.redirect_wrong_credentials.load(Ordering::SeqCst) {
                     return login_redirect(&req);
                 }
-                if value != expected {
+                if !right {
                     return full(
                         StatusCode::UNAUTHORIZED,
                         "text/html; charset=utf-8",

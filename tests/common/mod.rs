@@ -1,6 +1,7 @@
 //! Shared test harness: the mock gated host, a proxy in front of it, and small HTTP clients.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod immich_api;
 pub mod mock;
 
@@ -18,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use credproxy::config::{self, CaCert, Profile, ServerUrl};
 use credproxy::credentials::{Scheme, Secret};
 use credproxy::proxy::{Proxy, ProxySettings};
-use credproxy::serve::{self, ServeOptions};
+use credproxy::serve::{self, ServeOptions, Site};
 
 pub use mock::Mock;
 
@@ -79,11 +80,24 @@ pub async fn start_proxy_with(
     password: &str,
     options: ServeOptions,
 ) -> RunningProxy {
-    let proxy = Proxy::new(settings, &Scheme::Basic, &Secret::new(password.to_owned())).unwrap();
+    let secret = Secret::new(password.to_owned());
+    let proxy = Proxy::with_secret(settings, &Scheme::Basic, &secret).unwrap();
+    start_site(Site::new(proxy), options).await
+}
+
+/// A proxy for `mock` with its right password.
+pub fn mock_proxy(mock: &Mock) -> Proxy {
+    let secret = Secret::new(mock.password.clone());
+    Proxy::with_secret(settings_for(mock), &Scheme::Basic, &secret).unwrap()
+}
+
+/// Serves `site` on 127.0.0.1:0 in this process.
+pub async fn start_site(site: Site, options: ServeOptions) -> RunningProxy {
+    let proxy = site.proxy.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve::run(listener, proxy.clone(), options, async move {
+    let task = tokio::spawn(serve::run(listener, site, options, async move {
         let _ = stopped.await;
     }));
     RunningProxy {
