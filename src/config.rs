@@ -62,6 +62,9 @@ pub struct ProfileEntry {
     /// Extra Host names served besides the loopback names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_hosts: Vec<String>,
+    /// The client certificate chain (PEM; not secret: its private key is in the keyring).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<String>,
 }
 
 /// A profile after validation: everything the rest of the code needs, in checked form.
@@ -85,6 +88,8 @@ pub struct Profile {
     pub local_auth: bool,
     /// Extra Host names served.
     pub allow_hosts: Vec<String>,
+    /// The client certificate chain (PEM) presented to the server; its key is in the keyring.
+    pub client_cert: Option<String>,
 }
 
 impl Profile {
@@ -113,6 +118,11 @@ impl Profile {
                 .collect::<Result<_>>()?,
             local_auth: entry.local_auth,
             allow_hosts: entry.allow_hosts.clone(),
+            client_cert: entry
+                .client_cert
+                .as_deref()
+                .map(validate_client_cert)
+                .transpose()?,
         })
     }
 
@@ -168,6 +178,7 @@ impl Profile {
             pins: self.pins.clone(),
             local_auth: self.local_auth,
             allow_hosts: self.allow_hosts.clone(),
+            client_cert: self.client_cert.clone(),
         }
     }
 }
@@ -179,6 +190,31 @@ pub enum CaCert {
     File(PathBuf),
     /// PEM text handed over by an app; never written to the config file.
     Pem(String),
+}
+
+/// Checks a client certificate chain in PEM: at least one certificate, every block readable.
+pub fn validate_client_cert(pem: &str) -> Result<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let invalid = |reason: String| Error::Invalid {
+        what: "client certificate",
+        reason,
+    };
+    let mut found = 0;
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        cert.map_err(|e| {
+            invalid(format!(
+                "a PEM block cannot be read ({e}); log in again with --client-cert FILE"
+            ))
+        })?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(invalid(
+            "no PEM 'CERTIFICATE' block; log in again with --client-cert FILE".to_owned(),
+        ));
+    }
+    Ok(pem.to_owned())
 }
 
 /// Checks an SPKI pin's form (`sha256/BASE64` of 32 bytes).
@@ -560,6 +596,7 @@ mod tests {
             pins: vec!["sha256/47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into()],
             local_auth: true,
             allow_hosts: vec!["photos.lan".into()],
+            client_cert: None,
         };
         let mut file = ConfigFile::default();
         file.profiles.insert("work".into(), profile.to_entry());
@@ -584,6 +621,7 @@ mod tests {
             pins: Vec::new(),
             local_auth: false,
             allow_hosts: Vec::new(),
+            client_cert: None,
         }
     }
 

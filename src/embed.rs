@@ -80,7 +80,7 @@ pub struct Snapshot {
 pub struct Embedded {
     addr: SocketAddr,
     local_token: Option<Secret>,
-    proxy: Proxy,
+    sites: tokio::sync::watch::Sender<Site>,
     last_error: Arc<Mutex<Option<String>>>,
     running: Mutex<Option<Running>>,
 }
@@ -121,16 +121,21 @@ impl Embedded {
             }
         };
         let local_token = site.local_token.clone();
-        let proxy = site.proxy.clone();
+        let (sites, receiver) = tokio::sync::watch::channel(site);
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let task = runtime.spawn(serve::run(listener, site, options.server, shutdown));
+        let task = runtime.spawn(serve::run_sites(
+            listener,
+            receiver,
+            options.server,
+            shutdown,
+        ));
         Ok(Self {
             addr,
             local_token,
-            proxy,
+            sites,
             last_error,
             running: Mutex::new(Some(Running {
                 runtime,
@@ -179,13 +184,14 @@ impl Embedded {
 
     /// The totals so far and the last warning or error logged.
     pub fn snapshot(&self) -> Snapshot {
-        let stats = self.proxy.stats();
+        let proxy = self.proxy();
+        let stats = proxy.stats();
         Snapshot {
             requests: stats.requests.load(Ordering::Relaxed),
             bytes_up: stats.bytes_up.load(Ordering::Relaxed),
             bytes_down: stats.bytes_down.load(Ordering::Relaxed),
             last_error: lock(&self.last_error).clone(),
-            credentials: self.proxy.credentials().health().standing(),
+            credentials: proxy.credentials().health().standing(),
         }
     }
 
@@ -207,7 +213,23 @@ impl Embedded {
         }
         Ok(running
             .runtime
-            .block_on(self.proxy.credentials().reload())?)
+            .block_on(self.proxy().credentials().reload())?)
+    }
+
+    /// The local credential clients must present, when local auth is on.
+    pub fn local_token(&self) -> Option<&Secret> {
+        self.local_token.as_ref()
+    }
+
+    /// The proxy serving now.
+    pub fn proxy(&self) -> Proxy {
+        self.sites.borrow().proxy.clone()
+    }
+
+    /// Serves `site` from now on (new settings, say a new client certificate): connections
+    /// open before finish their request and close.
+    pub fn replace(&self, site: Site) {
+        self.sites.send_replace(site);
     }
 
     fn lock_running(&self) -> MutexGuard<'_, Option<Running>> {
@@ -313,9 +335,10 @@ impl Message {
     }
 }
 
-/// Runs the doctor's network steps (DNS, TCP, TLS, gate, credentials, Immich, websocket) for
-/// `settings` with the `scheme`'s stored `secret`, each bounded by `timeout`; a rejection's fix
-/// hint is `settings.fix`. Logs go to `sink`.
+/// Runs the doctor's steps for `settings` with the `scheme`'s stored `secret`: the client
+/// certificate's dates (when there is one), then the network (DNS, TCP, TLS, gate,
+/// credentials, Immich, websocket), each bounded by `timeout`; a rejection's fix hint is
+/// `settings.fix`. Logs go to `sink`.
 ///
 /// It blocks the calling thread on a runtime of its own, so it is for synchronous callers (an
 /// app's worker thread), not for code already inside an async runtime.
@@ -326,8 +349,11 @@ pub fn check(
     timeout: Duration,
     sink: Option<Arc<dyn LogSink>>,
 ) -> Result<Vec<Step>> {
-    let tls = settings.trust.client_config(&[b"http/1.1"])?;
-    let checker = Checker::new(settings.server.clone(), tls, timeout);
+    let tls = settings
+        .trust
+        .client_config(&[b"http/1.1"], settings.identity.as_ref())?;
+    let checker = Checker::new(settings.server.clone(), tls, timeout)
+        .certificate_fix(settings.certificate_fix.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -340,9 +366,17 @@ pub fn check(
         login_command: settings.fix.clone(),
     };
     let dispatch = log_dispatch(None, sink);
-    Ok(tracing::dispatcher::with_default(&dispatch, || {
+    let network = tracing::dispatcher::with_default(&dispatch, || {
         runtime.block_on(doctor::network_steps(&target))
-    }))
+    });
+    let certificate = settings.identity.as_ref().map(|identity| {
+        doctor::client_certificate_step(
+            identity,
+            std::time::SystemTime::now(),
+            &settings.certificate_fix,
+        )
+    });
+    Ok(certificate.into_iter().chain(network).collect())
 }
 
 #[cfg(test)]

@@ -78,6 +78,15 @@ pub enum Error {
         /// What was wrong with it.
         reason: String,
     },
+    /// A client certificate cannot be used (unreadable, wrong password, expired, key
+    /// mismatch…); nothing was stored.
+    #[error("cannot use the client certificate {path}: {reason}")]
+    ClientCertificate {
+        /// Where it came from (a file, or what holds it).
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        reason: String,
+    },
     /// The TLS configuration could not be built.
     #[error("cannot set up TLS: {0}")]
     Tls(String),

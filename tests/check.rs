@@ -14,7 +14,7 @@ use credproxy::upstream::TlsTrust;
 fn checker(url: &str, trust: &TlsTrust) -> Checker {
     Checker::new(
         ServerUrl::parse(url).unwrap(),
-        trust.client_config(&[b"http/1.1"]).unwrap(),
+        trust.client_config(&[b"http/1.1"], None).unwrap(),
         Duration::from_secs(10),
     )
 }

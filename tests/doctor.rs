@@ -14,7 +14,7 @@ use credproxy::upstream::TlsTrust;
 async fn steps(mock: &Mock, trust: TlsTrust, secret: Option<&str>) -> Vec<Step> {
     let checker = Checker::new(
         ServerUrl::parse(&mock.url()).unwrap(),
-        trust.client_config(&[b"http/1.1"]).unwrap(),
+        trust.client_config(&[b"http/1.1"], None).unwrap(),
         Duration::from_secs(10),
     );
     let secret = secret.map(|s| Secret::new(s.to_owned()));

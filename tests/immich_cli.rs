@@ -14,7 +14,11 @@ use std::time::Duration;
 use base64::Engine as _;
 
 use common::immich_api::{self, API_KEY, ImmichApiState, USER_EMAIL};
+use common::pki::{ClientCa, Validity};
 use common::{Mock, start_proxy};
+use credproxy::credentials::{ClientIdentity, Scheme, Secret};
+use credproxy::proxy::Proxy;
+use credproxy::serve::{ServeOptions, Site};
 
 /// An upper bound for one CLI run; a healthy one takes a few seconds.
 const CLI_TIMEOUT: Duration = Duration::from_secs(120);
@@ -165,9 +169,33 @@ fn the_mock_parses_multipart_bodies_with_delimiter_lookalikes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn immich_cli_logs_in_and_uploads_a_folder_through_the_proxy() {
-    let cli = Cli::installed();
     let mock = Mock::start().await;
     let proxy = start_proxy(&mock).await;
+    login_and_upload(&mock, &proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn immich_cli_uploads_through_the_proxy_to_a_server_that_requires_a_client_certificate() {
+    let ca = ClientCa::new("credproxy test client CA");
+    let client = ca.issue("laptop", Validity::Current);
+    let mock = Mock::start_requiring_client_certs(&ca.ca_pem).await;
+    let mut settings = common::settings_for(&mock);
+    settings.identity = Some(ClientIdentity::from_pem(client.pem().as_bytes(), None).unwrap());
+    let secret = Secret::new(mock.password.clone());
+    let proxy = Proxy::with_secret(settings, &Scheme::Basic, &secret).unwrap();
+    let proxy = common::start_site(Site::new(proxy), ServeOptions::default()).await;
+    login_and_upload(&mock, &proxy).await;
+    let presented = mock.state.seen().iter().all(|s| s.client_cert.is_some());
+    assert!(
+        presented,
+        "a request reached the host without the client certificate"
+    );
+}
+
+/// The CLI logs in through `proxy` and uploads a folder twice; everything arrives intact,
+/// with the injected credentials and the CLI's own API key.
+async fn login_and_upload(mock: &Mock, proxy: &common::RunningProxy) {
+    let cli = Cli::installed();
     let local = format!("http://127.0.0.1:{}", proxy.addr.port());
 
     let home = tempfile::tempdir().unwrap();

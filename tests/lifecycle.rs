@@ -140,20 +140,7 @@ async fn sighup_applies_an_edited_config_file() {
         &mock.password,
     )
     .await;
-    let mut serving = Serving::start(
-        &config,
-        &[
-            "--profile",
-            &profile,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-    )
-    .await;
-    let admin_line = serving.stdout.next_line().await.unwrap().unwrap();
-    let admin = common::address_in(&admin_line);
+    let (mut serving, admin) = Serving::start_with_admin(&config, &profile).await;
     assert_eq!(ping(&serving).await.0, StatusCode::BAD_GATEWAY);
     let (_, health) = common::get(admin, "/healthz").await;
     let credentials = &common::json(&health)["profiles"][0]["credentials"];

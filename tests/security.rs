@@ -160,7 +160,7 @@ async fn mock_pin(mock: &Mock) -> String {
         TlsTrust::public()
             .with_ca_pem(mock.ca_pem.as_bytes())
             .unwrap()
-            .client_config(&[])
+            .client_config(&[], None)
             .unwrap(),
         Duration::from_secs(10),
     );

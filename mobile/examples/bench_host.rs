@@ -30,6 +30,13 @@ impl CredentialProvider for Password {
     ) -> std::result::Result<Option<String>, MobileError> {
         Ok(Some(self.0.clone()))
     }
+
+    fn client_certificate(
+        &self,
+        _: String,
+    ) -> std::result::Result<Option<credproxy_mobile::ClientCertificate>, MobileError> {
+        Ok(None)
+    }
 }
 
 fn env(name: &str) -> Result<String> {

@@ -32,6 +32,9 @@ pub enum AuthScheme {
         /// The header names.
         names: Vec<String>,
     },
+    /// No header: the gate wants only the client certificate (the provider's `app_password`
+    /// is not asked).
+    None,
 }
 
 /// Where the app password comes from.
@@ -108,7 +111,9 @@ impl ProxyConfig {
                 .collect(),
             local_auth: self.local_auth,
             allow_hosts: Vec::new(),
+            client_cert: None,
         };
+        let identity = self.identity(&profile)?;
         let mut settings = ProxySettings::for_profile(&profile, self.fix_credentials_hint())
             .map_err(|err| match err {
                 // Named as the app knows them.
@@ -123,7 +128,28 @@ impl ProxyConfig {
                 other => other.into(),
             })?;
         settings.idle_timeout = IDLE_TIMEOUT;
+        settings.identity = identity;
+        settings.certificate_fix = match &self.credentials {
+            Credentials::Provider { .. } => "have the app's credential provider hand over the client certificate this server trusts, still valid".to_owned(),
+            Credentials::Keyring { profile } => format!(
+                "save the client certificate this server trusts with save_client_certificate(\"{profile}\", …)"
+            ),
+        };
         Ok(settings)
+    }
+
+    /// The client certificate to present, from where `credentials` says.
+    fn identity(
+        &self,
+        profile: &Profile,
+    ) -> Result<Option<credproxy::credentials::ClientIdentity>, MobileError> {
+        match &self.credentials {
+            Credentials::Provider { provider } => provider
+                .client_certificate(profile.server.to_string())?
+                .map(|certificate| certificate.identity())
+                .transpose(),
+            Credentials::Keyring { profile } => credentials::keyring_identity(profile),
+        }
     }
 
     /// The core's auth scheme.
@@ -132,6 +158,7 @@ impl ProxyConfig {
             None | Some(AuthScheme::Basic) => Scheme::Basic,
             Some(AuthScheme::CloudflareAccess) => Scheme::CloudflareAccess,
             Some(AuthScheme::Header { names }) => Scheme::new("header", names)?,
+            Some(AuthScheme::None) => Scheme::None,
         })
     }
 
@@ -140,6 +167,9 @@ impl ProxyConfig {
         &self,
         settings: &ProxySettings,
     ) -> Result<Arc<dyn SecretSource>, MobileError> {
+        if !self.scheme()?.has_secret() {
+            return Ok(Arc::new(Secret::new(String::new())));
+        }
         Ok(match &self.credentials {
             Credentials::Provider { provider } => Arc::new(ProviderSource {
                 provider: provider.clone(),
@@ -183,8 +213,11 @@ impl ProxyConfig {
         }
     }
 
-    /// Fetches the app password from where `credentials` says.
+    /// Fetches the app password from where `credentials` says (nothing for `AuthScheme::None`).
     pub(crate) fn password(&self, settings: &ProxySettings) -> Result<Secret, MobileError> {
+        if !self.scheme()?.has_secret() {
+            return Ok(Secret::new(String::new()));
+        }
         match &self.credentials {
             Credentials::Provider { provider } => credentials::provider_password(
                 provider.as_ref(),

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use credproxy::credentials::{self, CredentialStore, Secret, SecretSource, StoreEntry, StoreError};
+use credproxy::credentials::{
+    self, ClientIdentity, CredentialStore, Secret, SecretSource, StoreEntry, StoreError,
+};
 
 use crate::error::MobileError;
 
@@ -23,6 +25,81 @@ pub trait CredentialProvider: Send + Sync {
         server_url: String,
         username: String,
     ) -> Result<Option<String>, MobileError>;
+
+    /// The client certificate to present to `server_url` (mutual TLS), or none when the server
+    /// wants none. Asked when the proxy starts, by each check and on `reload_credentials`.
+    fn client_certificate(
+        &self,
+        server_url: String,
+    ) -> Result<Option<ClientCertificate>, MobileError>;
+}
+
+/// A client certificate as the app has it: PEM text (the chain and its private key), or a
+/// PKCS#12 file (`.p12`, `.pfx`) with its password.
+#[derive(uniffi::Enum)]
+pub enum ClientCertificate {
+    /// Certificate chain and private key, PEM.
+    Pem {
+        /// The PEM text.
+        pem: String,
+    },
+    /// A PKCS#12 file and the password that opens it.
+    Pkcs12 {
+        /// The file's bytes.
+        data: Vec<u8>,
+        /// Its password.
+        password: String,
+    },
+}
+
+impl ClientCertificate {
+    /// The identity, checked (the key fits, the type is supported, the dates hold).
+    pub(crate) fn identity(&self) -> Result<ClientIdentity, MobileError> {
+        let identity = match self {
+            Self::Pem { pem } => ClientIdentity::from_pem(pem.as_bytes(), None),
+            Self::Pkcs12 { data, password } => {
+                ClientIdentity::from_pkcs12(data, &Secret::new(password.clone()))
+            }
+        }
+        .and_then(|identity| {
+            identity.check_dates(std::time::SystemTime::now())?;
+            Ok(identity)
+        })
+        .map_err(|err| MobileError::InvalidConfig {
+            detail: format!("the client certificate cannot be used: {err}"),
+        })?;
+        Ok(identity)
+    }
+}
+
+/// Stores a client certificate (chain and private key) for `profile` in the platform keyring
+/// store, after checking it; `check` and `start_proxy` with `Credentials.Keyring(profile)`
+/// present it.
+#[uniffi::export]
+pub fn save_client_certificate(
+    profile: String,
+    certificate: ClientCertificate,
+) -> Result<(), MobileError> {
+    let profile = credproxy::config::validate_profile_name(&profile)?;
+    let identity = certificate.identity()?;
+    let stored = Secret::new(format!(
+        "{}{}",
+        identity.chain_pem(),
+        identity.key_pem().expose()
+    ));
+    Ok(platform::store()?.set(&credentials::client_key_account(&profile), &stored)?)
+}
+
+/// The client certificate kept in the keyring for `profile`, if any.
+pub(crate) fn keyring_identity(profile: &str) -> Result<Option<ClientIdentity>, MobileError> {
+    let Some(stored) = platform::store()?.get(&credentials::client_key_account(profile))? else {
+        return Ok(None);
+    };
+    ClientIdentity::from_pem(stored.expose().as_bytes(), None)
+        .map(Some)
+        .map_err(|err| MobileError::credentials(format!(
+            "the client certificate stored for profile '{profile}' cannot be used ({err}); save it again with save_client_certificate"
+        )))
 }
 
 /// Stores `password` for `profile` in the platform keyring store (replacing any); a proxy
@@ -34,8 +111,8 @@ pub fn save_app_password(profile: String, password: String) -> Result<(), Mobile
     Ok(platform::store()?.set(&profile, &Secret::new(password))?)
 }
 
-/// Removes the app password of `profile` (and its local credential) from the platform keyring
-/// store; true if a password existed.
+/// Removes the app password of `profile` (and its client certificate and local credential)
+/// from the platform keyring store; true if a password or certificate existed.
 #[uniffi::export]
 pub fn delete_app_password(profile: String) -> Result<bool, MobileError> {
     let profile = credproxy::config::validate_profile_name(&profile)?;

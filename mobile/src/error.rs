@@ -45,7 +45,9 @@ impl From<Error> for MobileError {
     fn from(err: Error) -> Self {
         let detail = err.to_string();
         match err {
-            Error::Invalid { .. } | Error::CaCert { .. } => Self::InvalidConfig { detail },
+            Error::Invalid { .. } | Error::CaCert { .. } | Error::ClientCertificate { .. } => {
+                Self::InvalidConfig { detail }
+            }
             Error::Listen { .. } | Error::NonLoopback { .. } => Self::Listen {
                 detail: with_source(&err),
             },

@@ -16,32 +16,40 @@ use crate::logging;
 #[uniffi::export]
 pub fn start_proxy(config: ProxyConfig) -> Result<Arc<ProxyHandle>, MobileError> {
     let settings = config.settings()?;
-    let password = config.password(&settings)?;
     let options = EmbedOptions {
         log: logging::sink(),
         ..EmbedOptions::default()
     };
     let local_token = config.local_token(&settings)?;
-    let credentials = LiveCredentials::new(
-        config.scheme()?,
-        settings.username.clone(),
-        config.source(&settings)?,
-        Some(password),
-    );
-    let proxy = Proxy::new(settings, credentials)?;
+    let proxy = Proxy::new(settings.clone(), credentials_for(&config, &settings)?)?;
     let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, config.listen_port));
     let site = Site {
         local_token,
         ..Site::new(proxy)
     };
     let inner = Embedded::start(site, listen, options)?;
-    Ok(Arc::new(ProxyHandle { inner }))
+    Ok(Arc::new(ProxyHandle { inner, config }))
+}
+
+/// The live credentials of `config`, first read now (with the precise errors of a start).
+fn credentials_for(
+    config: &ProxyConfig,
+    settings: &credproxy::proxy::ProxySettings,
+) -> Result<LiveCredentials, MobileError> {
+    Ok(LiveCredentials::new(
+        config.scheme()?,
+        settings.username.clone(),
+        config.source(settings)?,
+        Some(config.password(settings)?),
+    ))
 }
 
 /// A running proxy; dropping the last reference stops it.
 #[derive(uniffi::Object)]
 pub struct ProxyHandle {
     inner: Embedded,
+    /// What it was started with: read again by `reload_credentials`.
+    config: ProxyConfig,
 }
 
 /// Totals since the proxy started.
@@ -94,9 +102,23 @@ impl ProxyHandle {
         self.inner.snapshot().into()
     }
 
-    /// Reads the credentials again now (after the app saved new ones): true when they changed,
-    /// and the next request uses them. Blocks briefly; call it off the UI thread.
+    /// Reads the credentials and the client certificate again now (after the app saved new
+    /// ones): true when they changed, and the next request uses them (with a new certificate,
+    /// the next connection). Blocks briefly; call it off the UI thread.
     pub fn reload_credentials(&self) -> Result<bool, MobileError> {
+        let current = self.inner.proxy();
+        let settings = self.config.settings()?;
+        if settings.identity != current.settings().identity {
+            // A new client certificate: a new TLS client, so a new proxy.
+            let credentials = credentials_for(&self.config, &settings)?;
+            let proxy = Proxy::replacing(&current, settings, credentials)?;
+            self.inner.replace(Site {
+                // Clients keep their URL.
+                local_token: self.inner.local_token().cloned(),
+                ..Site::new(proxy)
+            });
+            return Ok(true);
+        }
         Ok(self.inner.reload_credentials()? == Reload::Changed)
     }
 }

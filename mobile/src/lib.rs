@@ -26,7 +26,7 @@ pub mod logging;
 
 pub use check::{CheckResult, CheckStatus};
 pub use config::{AuthScheme, Credentials, ProxyConfig};
-pub use credentials::CredentialProvider;
+pub use credentials::{ClientCertificate, CredentialProvider};
 pub use error::MobileError;
 pub use handle::{ProxyHandle, ProxyStats, start_proxy};
 pub use logging::{LogLevel, Logger, set_logger};

@@ -143,6 +143,10 @@ async fn python_drives_the_proxy_against_the_gated_host() {
     ]);
     let pangolin = Mock::start().await;
     pangolin.gate_wants(&[("p-access-token-id", "tid-1"), ("p-access-token", "tok-2")]);
+    let client_ca = common::pki::ClientCa::new("credproxy test client CA");
+    let client = client_ca.issue("phone", common::pki::Validity::Current);
+    let rotated = client_ca.issue("phone 2", common::pki::Validity::Current);
+    let mtls = Mock::start_requiring_client_certs(&client_ca.ca_pem).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bindings_test.py");
     let mut python = Command::new("python3");
     python
@@ -156,13 +160,21 @@ async fn python_drives_the_proxy_against_the_gated_host() {
         .env("MOCK_CF_CA_PEM", &cf.ca_pem)
         .env("MOCK_HEADER_URL", pangolin.url())
         .env("MOCK_HEADER_CA_PEM", &pangolin.ca_pem)
+        .env("MOCK_MTLS_URL", mtls.url())
+        .env("MOCK_MTLS_CA_PEM", &mtls.ca_pem)
+        .env("MOCK_CLIENT_PEM", client.pem())
+        .env("MOCK_CLIENT_ROTATED_PEM", rotated.pem())
+        .env(
+            "MOCK_CLIENT_P12_HEX",
+            hex::encode(client.pkcs12("p12-secret")),
+        )
         .env("PYTHONDONTWRITEBYTECODE", "1");
     let output = tokio::task::spawn_blocking(move || run(&mut python))
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     println!("{stdout}");
-    assert!(stdout.contains("10 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("11 passed, 0 failed"), "{stdout}");
     // The proxy's requests reached the mock with the credentials (one exchange per session).
     assert!(
         mock.state

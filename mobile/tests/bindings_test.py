@@ -4,8 +4,9 @@ Run by mobile/tests/bindings.rs, which builds the library, generates the binding
 CREDPROXY_BINDINGS_DIR and starts the mock; the mock's URL, CA, username and password arrive in
 MOCK_URL, MOCK_CA_PEM, MOCK_USERNAME and MOCK_PASSWORD; two more mocks gate by headers instead
 (MOCK_CF_URL/MOCK_CF_CA_PEM wants a Cloudflare Access service token, MOCK_HEADER_URL/
-MOCK_HEADER_CA_PEM Pangolin's token pair). Standard library only; everything it talks to is on
-loopback.
+MOCK_HEADER_CA_PEM Pangolin's token pair), and one (MOCK_MTLS_URL/MOCK_MTLS_CA_PEM) wants a client
+certificate: MOCK_CLIENT_PEM, or MOCK_CLIENT_P12_HEX with the password "p12-secret". Standard
+library only; everything it talks to is on loopback.
 """
 
 import gc
@@ -31,15 +32,20 @@ USERNAME = os.environ["MOCK_USERNAME"]
 PASSWORD = os.environ["MOCK_PASSWORD"]
 CF_URL, CF_CA_PEM = os.environ["MOCK_CF_URL"], os.environ["MOCK_CF_CA_PEM"]
 HEADER_URL, HEADER_CA_PEM = os.environ["MOCK_HEADER_URL"], os.environ["MOCK_HEADER_CA_PEM"]
+MTLS_URL, MTLS_CA_PEM = os.environ["MOCK_MTLS_URL"], os.environ["MOCK_MTLS_CA_PEM"]
+CLIENT_PEM, ROTATED_PEM = os.environ["MOCK_CLIENT_PEM"], os.environ["MOCK_CLIENT_ROTATED_PEM"]
+CLIENT_P12 = bytes.fromhex(os.environ["MOCK_CLIENT_P12_HEX"])
 WAIT = 20  # seconds: an upper bound for events that normally arrive in milliseconds
 
 
 class Provider(cm.CredentialProvider):
-    """The app's side: hands over a password, or raises as a buggy app might."""
+    """The app's side: hands over a password (and a client certificate), or raises as a buggy
+    app might."""
 
-    def __init__(self, password=None, raises=None):
+    def __init__(self, password=None, raises=None, certificate=None):
         self.password = password
         self.raises = raises
+        self.certificate = certificate
         self.calls = []
 
     def app_password(self, server_url, username):
@@ -47,6 +53,9 @@ class Provider(cm.CredentialProvider):
         if self.raises is not None:
             raise self.raises
         return self.password
+
+    def client_certificate(self, server_url):
+        return self.certificate
 
 
 class Logger(cm.Logger):
@@ -359,6 +368,47 @@ def test_every_scheme_serves_and_checks(logger):
         assert by_name["credentials"].status == cm.CheckStatus.FAIL, (auth, results)
 
 
+def test_client_certificates(logger):
+    pem = cm.ClientCertificate.PEM(pem=CLIENT_PEM)
+    provider = Provider(PASSWORD, certificate=pem)
+    mtls = dict(server_url=MTLS_URL, ca_pem=MTLS_CA_PEM)
+    handle = cm.start_proxy(config(credentials=cm.Credentials.PROVIDER(provider=provider), **mtls))
+    base = f"http://127.0.0.1:{handle.port()}"
+    status, body = get(f"{base}/api/server/ping")
+    assert status == 200 and body == {"res": "pong"}, (status, body)
+    # A new certificate from the app reaches the running proxy.
+    provider.certificate = cm.ClientCertificate.PEM(pem=ROTATED_PEM)
+    assert handle.reload_credentials() is True
+    assert get(f"{base}/api/server/ping")[0] == 200
+    handle.stop()
+    results = cm.check(config(credentials=cm.Credentials.PROVIDER(provider=Provider(PASSWORD, certificate=pem)), **mtls))
+    assert results[0].name == "client cert" and "CN=phone" in results[0].detail, results[0]
+    assert all(r.status == cm.CheckStatus.PASS for r in results), results
+
+    handle = cm.start_proxy(config(**mtls))
+    status, body = get(f"http://127.0.0.1:{handle.port()}/api/server/ping")
+    assert status == 502 and body["error"] == "client_certificate_rejected", body
+    assert "asks for a client certificate and none was sent" in body["message"], body
+    handle.stop()
+
+    profile = f"py-mtls-{uuid.uuid4().hex[:8]}"
+    expect_error(
+        cm.MobileError.InvalidConfig,
+        lambda: cm.save_client_certificate(profile, cm.ClientCertificate.PKCS12(data=CLIENT_P12, password="nope")),
+        "PKCS#12 password is wrong",
+    )
+    try:
+        cm.save_client_certificate(profile, cm.ClientCertificate.PKCS12(data=CLIENT_P12, password="p12-secret"))
+        cm.save_app_password(profile, PASSWORD)
+        keyring = cm.Credentials.KEYRING(profile=profile)
+        handle = cm.start_proxy(config(credentials=keyring, **mtls))
+        status, _ = get(f"http://127.0.0.1:{handle.port()}/api/server/ping")
+        assert status == 200, status
+        handle.stop()
+    finally:
+        assert cm.delete_app_password(profile) is True
+
+
 def main():
     logger = Logger()
     cm.set_logger(logger, cm.LogLevel.INFO)
@@ -373,6 +423,7 @@ def main():
         test_checks_are_records,
         test_a_provider_that_changes_its_answer_heals_the_proxy,
         test_every_scheme_serves_and_checks,
+        test_client_certificates,
     ]
     failed = 0
     for test in tests:

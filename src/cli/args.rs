@@ -52,7 +52,8 @@ pub struct LoginArgs {
     #[arg(long, value_name = "NAME")]
     pub username: Option<String>,
     /// How the gate authenticates: basic (Authentik app password), cloudflare-access (service
-    /// token id and secret) or header (values for the --header names).
+    /// token id and secret), header (values for the --header names) or none (the client
+    /// certificate alone).
     #[arg(long, default_value = "basic", value_name = "SCHEME")]
     pub auth: String,
     /// A header the `header` scheme sets (repeatable, e.g. P-Access-Token-Id, P-Access-Token).
@@ -64,7 +65,8 @@ pub struct LoginArgs {
     /// Extra CA certificate (PEM) to trust for this server, e.g. a homelab CA.
     #[arg(long, value_name = "PEM_FILE")]
     pub ca_cert: Option<PathBuf>,
-    /// Read the secret from standard input instead of a hidden prompt (one line per value).
+    /// Read the secret from standard input instead of a hidden prompt (one line per value; a
+    /// PKCS#12 --client-cert's password on one more line).
     #[arg(long)]
     pub password_stdin: bool,
     /// Store without checking the credentials against the server.
@@ -73,6 +75,14 @@ pub struct LoginArgs {
     /// Listen address to save for `serve` (default 127.0.0.1:2283).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<String>,
+    /// A client certificate to present to the server: PEM (chain and key, or the key in
+    /// --client-key) or PKCS#12 (.p12/.pfx; its password is asked for like the app password).
+    /// The key goes to the keyring: the file may be deleted afterwards.
+    #[arg(long, value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key (PEM) of a PEM --client-cert that does not hold it.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// Accept only a server key with this SPKI pin (as `credproxy doctor` prints it); a pinned
     /// self-signed certificate needs no CA. Repeat for a key rollover.
     #[arg(long = "pin", value_name = "sha256/BASE64")]
@@ -100,8 +110,8 @@ pub struct ServeArgs {
     /// Client connections served at once; more are refused with 503.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_connections: usize,
-    /// Server threads, each an event loop with its own upstream connections [default: the
-    /// number of CPUs, at most 4].
+    /// Threads that serve (one event loop: a multi-thread runtime when more than one)
+    /// [default: 1, which carries a gigabyte a second on loopback].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
     /// Serve /healthz and Prometheus /metrics on this loopback address (never a proxied port).

@@ -188,7 +188,7 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
 
     let checker = Checker::new(
         server.clone(),
-        trust.client_config(&[b"http/1.1"])?,
+        trust.client_config(&[b"http/1.1"], None)?,
         Duration::from_secs(5),
     );
     let direct = checker.get(PING_PATH, None).await?;
@@ -209,6 +209,8 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
         client: ClientOptions::default(),
         idle_timeout: Duration::from_secs(60),
         fix: "run `credproxy demo` again: it makes a fresh stand-in and password".to_owned(),
+        identity: None,
+        certificate_fix: "the demo's stand-in wants no client certificate".to_owned(),
     };
     let proxy = Proxy::with_secret(settings, &Scheme::Basic, &standin.password)?;
     let listener = super::bind(listen).await?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{CliError, Result, blocking};
 use crate::config::{self, ConfigStore};
-use crate::credentials::CredentialStore;
+use crate::credentials::{CredentialStore, Secret};
 use crate::diagnose::check::Checker;
 use crate::diagnose::doctor::{self, Status, Step};
 use crate::upstream::TlsTrust;
@@ -52,42 +52,76 @@ pub async fn run(
         detail: format!("{} (listen {})", config.path().display(), profile.listen),
         fix: None,
     }];
-    let name = profile.name.clone();
-    let secret = match blocking(move || keyring.get(&name)).await {
-        Ok(Some(secret)) => {
-            steps.push(Step {
-                name: "keyring",
-                status: Status::Pass,
-                detail: format!("secret stored for profile '{}'", profile.name),
-                fix: None,
-            });
-            Some(secret)
+    let secret = if profile.auth.has_secret() {
+        let (store, name) = (keyring.clone(), profile.name.clone());
+        match blocking(move || store.get(&name)).await {
+            Ok(Some(secret)) => {
+                steps.push(Step {
+                    name: "keyring",
+                    status: Status::Pass,
+                    detail: format!("secret stored for profile '{}'", profile.name),
+                    fix: None,
+                });
+                Some(secret)
+            }
+            Ok(None) => {
+                steps.push(Step {
+                    name: "keyring",
+                    status: Status::Fail,
+                    detail: format!("no secret stored for profile '{}'", profile.name),
+                    fix: Some(login.clone()),
+                });
+                None
+            }
+            Err(e) => {
+                steps.push(Step {
+                    name: "keyring",
+                    status: Status::Fail,
+                    detail: e.to_string(),
+                    fix: None,
+                });
+                None
+            }
         }
-        Ok(None) => {
-            steps.push(Step {
-                name: "keyring",
-                status: Status::Fail,
-                detail: format!("no secret stored for profile '{}'", profile.name),
-                fix: Some(login.clone()),
-            });
-            None
-        }
-        Err(e) => {
-            steps.push(Step {
-                name: "keyring",
-                status: Status::Fail,
-                detail: e.to_string(),
-                fix: None,
-            });
-            None
-        }
+    } else {
+        steps.push(Step {
+            name: "keyring",
+            status: Status::Pass,
+            detail: "--auth none: no secret but the client certificate's key".to_owned(),
+            fix: None,
+        });
+        Some(Secret::new(String::new()))
+    };
+    let certificate_fix = format!("{login} --client-cert FILE");
+    let identity = match &profile.client_cert {
+        None => None,
+        Some(chain) => match super::serve::client_identity(&keyring, &profile.name, chain).await {
+            Ok(identity) => {
+                steps.push(doctor::client_certificate_step(
+                    &identity,
+                    std::time::SystemTime::now(),
+                    &certificate_fix,
+                ));
+                Some(identity)
+            }
+            Err(e) => {
+                steps.push(Step {
+                    name: "client cert",
+                    status: Status::Fail,
+                    detail: e.to_string(),
+                    fix: Some(certificate_fix.clone()),
+                });
+                None
+            }
+        },
     };
     steps.iter().for_each(report);
     let checker = Checker::new(
         profile.server.clone(),
-        trust.client_config(&[b"http/1.1"])?,
+        trust.client_config(&[b"http/1.1"], identity.as_ref())?,
         super::login::CHECK_TIMEOUT,
-    );
+    )
+    .certificate_fix(certificate_fix);
     let network = doctor::network_steps(&doctor::Target {
         checker: &checker,
         username: &profile.username,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::args::LoginArgs;
 use super::{CliError, Result, blocking};
 use crate::config::{self, CaCert, ConfigStore, Profile, ServerUrl};
-use crate::credentials::{CredentialStore, Scheme, Secret};
+use crate::credentials::{self, ClientIdentity, CredentialStore, IdentityError, Scheme, Secret};
 use crate::diagnose::check::Checker;
 use crate::error::Error;
 use crate::upstream::TlsTrust;
@@ -61,30 +61,71 @@ pub async fn run(
             .collect::<std::result::Result<_, _>>()?,
         local_auth: false,
         allow_hosts: Vec::new(),
+        client_cert: None,
     };
     let trust = TlsTrust::for_profile(&profile)?;
+    let certificate = match &args.client_cert {
+        Some(path) => Some(CertificateFile::read(path, args.client_key.as_deref())?),
+        None => None,
+    };
     let mut file = config.load()?;
-    // A re-login keeps the serve-side settings made earlier.
+    // A re-login keeps the serve-side settings made earlier, and the client certificate
+    // unless a new one is given.
+    let mut kept_identity = None;
     if let Some(previous) = file.profiles.get(&profile.name) {
         profile.local_auth = previous.local_auth;
         profile.allow_hosts = previous.allow_hosts.clone();
+        if certificate.is_none()
+            && let Some(chain) = &previous.client_cert
+        {
+            kept_identity =
+                Some(super::serve::client_identity(&keyring, &profile.name, chain).await?);
+        }
     }
-    let prompts: Vec<String> = profile
+    if profile.auth == Scheme::None && certificate.is_none() && kept_identity.is_none() {
+        return Err(Error::Invalid {
+            what: "--auth none",
+            reason: "it sends no credentials of its own: give the client certificate with --client-cert FILE".to_owned(),
+        }
+        .into());
+    }
+    let mut prompts: Vec<String> = profile
         .auth
         .prompts(&profile.username)
         .into_iter()
         .map(|p| format!("{p} at {}: ", profile.server))
         .collect();
-    let password = read_secret(args.password_stdin, &prompts)?;
+    if let Some(certificate) = certificate.as_ref().filter(|c| c.needs_password()) {
+        prompts.push(format!("Password of {}: ", certificate.path.display()));
+    }
+    let mut values = read_secret(args.password_stdin, &prompts)?;
+    let identity = match certificate {
+        Some(certificate) => {
+            let password = certificate.needs_password().then(|| values.pop()).flatten();
+            let identity = certificate.identity(password.as_ref())?;
+            identity
+                .check_dates(std::time::SystemTime::now())
+                .map_err(|e| certificate.error(e))?;
+            Some(identity)
+        }
+        None => kept_identity,
+    };
+    profile.client_cert = identity.as_ref().map(ClientIdentity::chain_pem);
+    let password = Secret::new(
+        values
+            .iter()
+            .map(Secret::expose)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    drop(values);
     let credentials = profile.auth.injection(&profile.username, &password)?;
     if args.no_verify {
         eprintln!("credproxy: not verifying the credentials (--no-verify)");
     } else {
-        let checker = Checker::new(
-            profile.server.clone(),
-            trust.client_config(&[b"http/1.1"])?,
-            CHECK_TIMEOUT,
-        );
+        let (tls, auth) = trust.client_config_seen(&[b"http/1.1"], identity.as_ref())?;
+        let checker = Checker::new(profile.server.clone(), tls, CHECK_TIMEOUT)
+            .certificate_fix(certificate_fix(&args.client_cert));
         checker
             .verify_credentials(&profile.username, &credentials)
             .await?;
@@ -92,12 +133,39 @@ pub async fn run(
             "credproxy: {} accepted the credentials and Immich answered",
             profile.server
         );
+        if identity.is_some() && !auth.asked() {
+            eprintln!(
+                "credproxy: warning: {} did not ask for a client certificate: it is not needed there (stored anyway)",
+                profile.server
+            );
+        }
     }
     let name = profile.name.clone();
-    blocking(move || keyring.set(&name, &password)).await?;
+    let has_secret = profile.auth.has_secret();
+    let key = identity.as_ref().map(|i| i.key_pem().clone());
+    blocking(move || {
+        if has_secret {
+            keyring.set(&name, &password)?;
+        } else {
+            keyring.delete(&name)?;
+        }
+        match key {
+            Some(key) => keyring.set(&credentials::client_key_account(&name), &key),
+            None => keyring
+                .delete(&credentials::client_key_account(&name))
+                .map(|_| ()),
+        }
+    })
+    .await?;
     file.profiles
         .insert(profile.name.clone(), profile.to_entry());
     config.save(&file)?;
+    if let Some(path) = &args.client_cert {
+        eprintln!(
+            "credproxy: the client certificate's private key is in the OS keyring and its chain in the config file; {} is no longer needed and may be deleted",
+            path.display()
+        );
+    }
     eprintln!(
         "credproxy: saved profile '{}' ({}); start the proxy with `credproxy serve{}`",
         profile.name,
@@ -108,6 +176,74 @@ pub async fn run(
     Ok(())
 }
 
+/// The fix named when the server refuses the client certificate or wants one.
+fn certificate_fix(given: &Option<std::path::PathBuf>) -> String {
+    match given {
+        Some(_) => "check that it is the certificate this server expects, from the CA it trusts, and still valid; log in again with the right --client-cert FILE".to_owned(),
+        None => "log in again with --client-cert FILE (PEM or PKCS#12): this server wants a client certificate".to_owned(),
+    }
+}
+
+/// A `--client-cert` file (and `--client-key`), read before any prompt.
+struct CertificateFile {
+    path: std::path::PathBuf,
+    data: Vec<u8>,
+    key: Option<Vec<u8>>,
+    /// A PKCS#12 file locked with a password.
+    needs_password: bool,
+}
+
+impl CertificateFile {
+    fn read(path: &std::path::Path, key: Option<&std::path::Path>) -> Result<Self> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| Error::ClientCertificate {
+                path: path.to_owned(),
+                reason: format!("cannot read it: {e}"),
+            })
+        };
+        let data = read(path)?;
+        if key.is_some() && !credentials::is_pem(&data) {
+            return Err(Error::ClientCertificate {
+                path: path.to_owned(),
+                reason: "it is PKCS#12, which holds its own key: leave out --client-key".to_owned(),
+            }
+            .into());
+        }
+        // Asked before any prompt: a file that is no certificate at all needs no password.
+        let needs_password = if credentials::is_pem(&data) {
+            false
+        } else {
+            credentials::pkcs12_needs_password(&data).map_err(|e| Error::ClientCertificate {
+                path: path.to_owned(),
+                reason: format!("{e}; nothing was stored"),
+            })?
+        };
+        Ok(Self {
+            path: path.to_owned(),
+            key: key.map(read).transpose()?,
+            data,
+            needs_password,
+        })
+    }
+
+    fn needs_password(&self) -> bool {
+        self.needs_password
+    }
+
+    fn identity(&self, password: Option<&Secret>) -> Result<ClientIdentity> {
+        ClientIdentity::from_file_contents(&self.data, self.key.as_deref(), password)
+            .map_err(|e| self.error(e))
+    }
+
+    fn error(&self, err: IdentityError) -> CliError {
+        Error::ClientCertificate {
+            path: self.path.clone(),
+            reason: format!("{err}; nothing was stored"),
+        }
+        .into()
+    }
+}
+
 fn profile_flag(name: &str) -> String {
     if name == config::DEFAULT_PROFILE {
         String::new()
@@ -116,10 +252,13 @@ fn profile_flag(name: &str) -> String {
     }
 }
 
-/// Reads a scheme's secret values from stdin (`--password-stdin`, one line per value) or
-/// hidden terminal prompts; returns them joined by newlines, as the keyring keeps them.
-pub fn read_secret(from_stdin: bool, prompts: &[String]) -> Result<Secret> {
-    let mut values: Vec<zeroize::Zeroizing<String>> = Vec::new();
+/// Reads one value per prompt from stdin (`--password-stdin`, one line per value) or from
+/// hidden terminal prompts.
+pub fn read_secret(from_stdin: bool, prompts: &[String]) -> Result<Vec<Secret>> {
+    let mut values: Vec<Secret> = Vec::new();
+    if prompts.is_empty() {
+        return Ok(values);
+    }
     if from_stdin {
         let mut raw = zeroize::Zeroizing::new(String::new());
         std::io::stdin()
@@ -128,7 +267,7 @@ pub fn read_secret(from_stdin: bool, prompts: &[String]) -> Result<Secret> {
         values.extend(
             raw.trim_end_matches(['\r', '\n'])
                 .split('\n')
-                .map(|line| zeroize::Zeroizing::new(line.trim_end_matches('\r').to_owned())),
+                .map(|line| Secret::new(line.trim_end_matches('\r').to_owned())),
         );
     } else {
         if !std::io::stdin().is_terminal() {
@@ -138,7 +277,7 @@ pub fn read_secret(from_stdin: bool, prompts: &[String]) -> Result<Secret> {
             ));
         }
         for prompt in prompts {
-            values.push(zeroize::Zeroizing::new(
+            values.push(Secret::new(
                 rpassword::prompt_password(prompt)
                     .map_err(|e| CliError::Password(e.to_string()))?,
             ));
@@ -154,6 +293,5 @@ pub fn read_secret(from_stdin: bool, prompts: &[String]) -> Result<Secret> {
     if values.iter().any(|v| v.is_empty()) {
         return Err(CliError::Password("the password is empty".to_owned()));
     }
-    let joined: Vec<&str> = values.iter().map(|v| v.as_str()).collect();
-    Ok(Secret::new(joined.join("\n")))
+    Ok(values)
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::args::ServeArgs;
 use super::{Result, bind, blocking, shutdown_signal};
 use crate::config::{self, ConfigFile, ConfigStore, Profile};
-use crate::credentials::{self, CredentialStore, Secret, SecretSource, StoreEntry};
+use crate::credentials::{self, ClientIdentity, CredentialStore, Secret, SecretSource, StoreEntry};
 use crate::error::Error;
 use crate::ops::control::{self, Command, ProfileReply, Reply, Request};
 use crate::proxy::live::{LiveCredentials, Reload, Unusable};
@@ -60,7 +60,9 @@ pub async fn run(
         };
         config::check_loopback(listen, server.args.allow_remote)?;
         let site = server.site_for(&profile, None).await?;
-        if site.proxy.credentials().health().unusable == Some(Unusable::Missing) {
+        if profile.auth.has_secret()
+            && site.proxy.credentials().health().unusable == Some(Unusable::Missing)
+        {
             return Err(Error::MissingSecret {
                 profile: profile.name.clone(),
                 fix: format!("run `{}`", site.proxy.settings().fix),
@@ -197,7 +199,10 @@ impl Server {
             Arc::new(StoreEntry::new(self.keyring.clone(), &profile.name));
         let (scheme, username) = (profile.auth.clone(), profile.username.clone());
         let credentials = blocking(move || LiveCredentials::load(scheme, username, source)).await?;
-        let settings = ProxySettings::for_profile(profile, fix)?;
+        let mut settings = ProxySettings::for_profile(profile, fix)?;
+        if let Some(chain) = &profile.client_cert {
+            settings.identity = Some(client_identity(&self.keyring, &profile.name, chain).await?);
+        }
         let proxy = match previous {
             Some(previous) => Proxy::replacing(previous, settings, credentials)?,
             None => Proxy::new(settings, credentials)?,
@@ -314,6 +319,32 @@ impl Server {
                 .collect(),
         }
     }
+}
+
+/// The client certificate of `profile`: its chain from the config file, its private key from
+/// the keyring.
+pub async fn client_identity(
+    keyring: &Arc<dyn CredentialStore>,
+    profile: &str,
+    chain: &str,
+) -> Result<ClientIdentity> {
+    let (store, account) = (keyring.clone(), credentials::client_key_account(profile));
+    let key = blocking(move || store.get(&account)).await?;
+    let Some(key) = key else {
+        return Err(Error::MissingSecret {
+            profile: profile.to_owned(),
+            fix: "its client certificate's private key is not in the keyring; log in again with --client-cert FILE".to_owned(),
+        }
+        .into());
+    };
+    Ok(
+        ClientIdentity::from_pem(chain.as_bytes(), Some(key.expose().as_bytes())).map_err(|e| {
+            Error::Invalid {
+                what: "stored client certificate",
+                reason: format!("{e}; log in again with --client-cert FILE"),
+            }
+        })?,
+    )
 }
 
 /// SIGHUP, as a stream of `()`; never on platforms without it.

@@ -3,13 +3,18 @@
 //! the headers a gate wants.
 //!
 //! Owns: [`CredentialStore`] and its keyring and memory stores, the keyring accounts a
-//! profile uses, the local client credential, and [`Scheme`]/[`Injection`].
+//! profile uses, the local client credential, [`Scheme`]/[`Injection`], and client
+//! certificates ([`ClientIdentity`]).
 
+mod identity;
 mod keyring;
 mod memory;
 mod scheme;
 mod secret;
 
+pub use self::identity::{
+    CertInfo, ClientIdentity, IdentityError, SUPPORTED_KEYS, is_pem, pkcs12_needs_password,
+};
 pub use self::keyring::KeyringStore;
 pub use self::memory::MemoryStore;
 pub use self::scheme::{CF_ACCESS_HEADERS, Injection, Scheme, basic_value};
@@ -23,6 +28,12 @@ pub const SERVICE: &str = "credproxy";
 /// profile names cannot contain ':', so it never clashes with a profile's own entry.
 pub fn local_token_account(profile: &str) -> String {
     format!("local-auth:{profile}")
+}
+
+/// The keyring account of a profile's client certificate key (PEM; for an app, the chain
+/// too).
+pub fn client_key_account(profile: &str) -> String {
+    format!("client-key:{profile}")
 }
 
 /// A place that keeps one secret per profile.
@@ -81,11 +92,12 @@ pub fn local_token(store: &dyn CredentialStore, profile: &str) -> Result<Secret,
     Ok(token)
 }
 
-/// Removes every secret of `profile` (its credentials and its local client credential);
-/// returns whether its credentials existed.
+/// Removes every secret of `profile` (its credentials, its client certificate key and its
+/// local client credential); returns whether its credentials or key existed.
 pub fn delete_profile(store: &dyn CredentialStore, profile: &str) -> Result<bool, StoreError> {
     store.delete(&local_token_account(profile))?;
-    store.delete(profile)
+    let key = store.delete(&client_key_account(profile))?;
+    Ok(store.delete(profile)? || key)
 }
 
 #[cfg(test)]

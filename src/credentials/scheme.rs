@@ -27,6 +27,8 @@ pub enum Scheme {
     CloudflareAccess,
     /// Named headers, each with a keyring-stored value.
     Header(Vec<HeaderName>),
+    /// No header at all: the gate wants only the client certificate.
+    None,
 }
 
 impl Scheme {
@@ -39,6 +41,7 @@ impl Scheme {
         let scheme = match name {
             "basic" => Scheme::Basic,
             "cloudflare-access" => Scheme::CloudflareAccess,
+            "none" => Scheme::None,
             "header" => {
                 if header_names.is_empty() {
                     return Err(invalid(
@@ -56,7 +59,7 @@ impl Scheme {
             }
             other => {
                 return Err(invalid(format!(
-                    "'{other}': use basic, cloudflare-access or header"
+                    "'{other}': use basic, cloudflare-access, header or none"
                 )));
             }
         };
@@ -66,19 +69,25 @@ impl Scheme {
         Ok(scheme)
     }
 
+    /// Whether the scheme stores a secret of its own (all but `none`).
+    pub fn has_secret(&self) -> bool {
+        *self != Scheme::None
+    }
+
     /// The scheme's name, as stored and as `--auth` takes it.
     pub fn name(&self) -> &'static str {
         match self {
             Scheme::Basic => "basic",
             Scheme::CloudflareAccess => "cloudflare-access",
             Scheme::Header(_) => "header",
+            Scheme::None => "none",
         }
     }
 
     /// The header names whose values come from the keyring (none for Basic).
     pub fn secret_headers(&self) -> Vec<HeaderName> {
         match self {
-            Scheme::Basic => Vec::new(),
+            Scheme::Basic | Scheme::None => Vec::new(),
             Scheme::CloudflareAccess => CF_ACCESS_HEADERS
                 .iter()
                 .map(|n| HeaderName::from_static(n))
@@ -99,6 +108,7 @@ impl Scheme {
     pub fn prompts(&self, username: &str) -> Vec<String> {
         match self {
             Scheme::Basic => vec![format!("App password for {username}")],
+            Scheme::None => Vec::new(),
             other => other
                 .secret_headers()
                 .iter()
@@ -113,6 +123,7 @@ impl Scheme {
             Scheme::Basic => Ok(Injection {
                 headers: vec![(header::AUTHORIZATION, basic_value(username, secret))],
             }),
+            Scheme::None => Ok(Injection::none()),
             other => {
                 let names = other.secret_headers();
                 let values: Vec<&str> = secret.expose().split('\n').collect();

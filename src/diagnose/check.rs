@@ -58,6 +58,16 @@ pub enum CheckError {
         /// What rustls said.
         detail: String,
     },
+    /// The server refused the client certificate, or wanted one and got none.
+    #[error("{server} {what}; {fix}")]
+    ClientCertificate {
+        /// The server.
+        server: String,
+        /// What the server's TLS alert says.
+        what: &'static str,
+        /// What to do about it.
+        fix: String,
+    },
     /// A step took longer than its timeout.
     #[error(
         "{step} with {server} timed out after {secs} s; check that the server is up and reachable"
@@ -119,6 +129,8 @@ pub struct Checker {
     server: ServerUrl,
     tls: Arc<ClientConfig>,
     timeout: Duration,
+    /// What to do when the server refuses the client certificate (or wants one).
+    certificate_fix: String,
 }
 
 impl Checker {
@@ -128,6 +140,46 @@ impl Checker {
             server,
             tls,
             timeout,
+            certificate_fix:
+                "give it the client certificate it trusts (credproxy login --client-cert FILE)"
+                    .to_owned(),
+        }
+    }
+
+    /// The fix named when the server refuses the client certificate or wants one.
+    pub fn certificate_fix(mut self, fix: String) -> Self {
+        self.certificate_fix = fix;
+        self
+    }
+
+    /// The error for a TLS failure: a client-certificate refusal when the server's alert says
+    /// so, else a TLS error with rustls' words.
+    fn tls_error(&self, err: &(dyn std::error::Error + 'static)) -> CheckError {
+        let mut cur = Some(err);
+        while let Some(e) = cur {
+            if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+                if let Some(what) = crate::upstream::client_certificate_refusal(tls) {
+                    return CheckError::ClientCertificate {
+                        server: self.server.to_string(),
+                        what,
+                        fix: self.certificate_fix.clone(),
+                    };
+                }
+                return CheckError::Tls {
+                    server: self.server.to_string(),
+                    detail: tls.to_string(),
+                };
+            }
+            cur = match e.downcast_ref::<std::io::Error>() {
+                Some(io) => io
+                    .get_ref()
+                    .map(|inner| inner as &(dyn std::error::Error + 'static)),
+                None => e.source(),
+            };
+        }
+        CheckError::Tls {
+            server: self.server.to_string(),
+            detail: err.to_string(),
         }
     }
 
@@ -203,12 +255,7 @@ impl Checker {
             connector
                 .connect(name, tcp)
                 .await
-                .map_err(|e| CheckError::Tls {
-                    server: self.server.to_string(),
-                    detail: e
-                        .get_ref()
-                        .map_or_else(|| e.to_string(), ToString::to_string),
-                })
+                .map_err(|e| self.tls_error(&e))
         })
         .await
     }
@@ -288,9 +335,14 @@ impl Checker {
         let addrs = self.resolve().await?;
         let tcp = self.connect(&addrs).await?;
         let tls = self.handshake(tcp).await?;
-        let http_err = |e: &dyn std::fmt::Display| CheckError::Http {
-            server: self.server.to_string(),
-            detail: e.to_string(),
+        // A TLS 1.3 server judges the client certificate after the handshake: its alert
+        // arrives with the first read.
+        let http_err = |e: &(dyn std::error::Error + 'static)| match self.tls_error(e) {
+            refusal @ CheckError::ClientCertificate { .. } => refusal,
+            _ => CheckError::Http {
+                server: self.server.to_string(),
+                detail: e.to_string(),
+            },
         };
         self.step("HTTP request", async {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -321,10 +373,16 @@ impl Checker {
                     HeaderValue::from_static("Y3JlZHByb3h5IGRvY3Rvcg=="),
                 );
             }
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| http_err(&e))?;
+            let response = match sender.send_request(request).await {
+                Ok(response) => response,
+                Err(err) => {
+                    // The connection's own error carries the TLS alert, if there was one.
+                    return Err(match driver.await {
+                        Ok(Err(conn)) => http_err(&conn),
+                        _ => http_err(&err),
+                    });
+                }
+            };
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, MAX_CHECK_BODY)
                 .collect()

@@ -2,12 +2,16 @@
 //! verdict and a fix hint.
 
 use std::fmt;
+use std::time::SystemTime;
 
 use http::{StatusCode, header};
 
 use super::check::{CertSummary, CheckError, Checker, PING_PATH, is_pong};
-use crate::credentials::{Injection, Scheme, Secret};
+use crate::credentials::{ClientIdentity, Injection, Scheme, Secret};
 use crate::proxy::gate::{self, Verdict};
+
+/// From how many days before a client certificate expires the doctor warns.
+pub const CERTIFICATE_WARN_DAYS: i64 = 30;
 
 /// Immich's socket.io endpoint with the websocket transport, as its clients open it.
 pub const SOCKET_IO_PATH: &str = "/api/socket.io/?EIO=4&transport=websocket";
@@ -221,6 +225,30 @@ pub async fn network_steps(target: &Target<'_>) -> Vec<Step> {
     steps
 }
 
+/// The client certificate: subject, issuer and expiry; a warning from
+/// [`CERTIFICATE_WARN_DAYS`] before it expires, a failure once it has (or before it is
+/// valid). `fix` renews it.
+pub fn client_certificate_step(identity: &ClientIdentity, now: SystemTime, fix: &str) -> Step {
+    let info = identity.info();
+    let days = info.days_left(now);
+    let detail = format!(
+        "subject {}; issuer {}; expires {} ({days} days)",
+        info.subject,
+        info.issuer,
+        crate::utc::seconds(info.not_after)
+    );
+    match identity.check_dates(now) {
+        Err(err) => Step::fail("client cert", format!("{detail}: {err}"), fix),
+        Ok(()) if days < CERTIFICATE_WARN_DAYS => Step {
+            name: "client cert",
+            status: Status::Warn,
+            detail,
+            fix: Some(format!("renew it before it expires, then: {fix}")),
+        },
+        Ok(()) => Step::pass("client cert", detail),
+    }
+}
+
 fn tls_step(chain: &[CertSummary]) -> Step {
     let Some(leaf) = chain.first() else {
         return Step::pass("tls", "verified (no certificate details available)");
@@ -348,5 +376,39 @@ mod tests {
         ] {
             assert_eq!(immich_version_text(body), None, "{body:?}");
         }
+    }
+
+    fn identity_expiring(after: std::time::Duration, before: bool) -> ClientIdentity {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "doctor test");
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(400);
+        params.not_after = if before { now - after } else { now + after };
+        let cert = params.self_signed(&key).unwrap();
+        let pem = format!("{}{}", cert.pem(), key.serialize_pem());
+        ClientIdentity::from_pem(pem.as_bytes(), None).unwrap()
+    }
+
+    #[test]
+    fn a_client_certificate_warns_a_month_before_it_expires_and_fails_after() {
+        let day = std::time::Duration::from_secs(86_400);
+        let now = SystemTime::now();
+        let step = |identity| client_certificate_step(&identity, now, "credproxy login …");
+        let fine = step(identity_expiring(day * 100, false));
+        assert_eq!(fine.status, Status::Pass, "{fine}");
+        assert!(fine.detail.contains("CN=doctor test"), "{fine}");
+        assert!(
+            fine.detail.contains("(99 days)") || fine.detail.contains("(100 days)"),
+            "{fine}"
+        );
+        let soon = step(identity_expiring(day * 10, false));
+        assert_eq!(soon.status, Status::Warn, "{soon}");
+        assert!(soon.fix.unwrap().starts_with("renew it before it expires"));
+        let gone = step(identity_expiring(day * 2, true));
+        assert_eq!(gone.status, Status::Fail, "{gone}");
+        assert!(gone.detail.contains("the certificate expired on"), "{gone}");
     }
 }

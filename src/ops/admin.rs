@@ -76,9 +76,11 @@ fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
                 .iter()
                 .map(|p| (p.settings().profile.as_str(), p.stats()))
                 .collect();
+            let mut text = render_metrics(&entries);
+            text.push_str(&render_certificate_expiry(proxies));
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-                .body(Full::new(Bytes::from(render_metrics(&entries))))
+                .body(Full::new(Bytes::from(text)))
                 .expect("static response parts are valid")
         }
         _ => text(StatusCode::NOT_FOUND, "try /healthz or /metrics".to_owned()),
@@ -89,11 +91,21 @@ fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
 /// (`/healthz`, and what `credproxy doctor` asks a running proxy for).
 pub fn profile_health(proxy: &Proxy) -> serde_json::Value {
     let standing = proxy.credentials().health().standing();
+    let certificate = proxy.settings().identity.as_ref().map(|identity| {
+        let info = identity.info();
+        serde_json::json!({
+            "subject": info.subject,
+            "issuer": info.issuer,
+            "expires": crate::utc::seconds(info.not_after),
+            "days_left": info.days_left(std::time::SystemTime::now()),
+        })
+    });
     serde_json::json!({
         "profile": proxy.settings().profile,
         "server": proxy.settings().server.to_string(),
         "credentials_rejected": standing.backoff_seconds.is_some(),
         "credentials": standing,
+        "client_certificate": certificate,
     })
 }
 
@@ -103,6 +115,35 @@ fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {
         .header(header::CONTENT_TYPE, "text/plain")
         .body(Full::new(Bytes::from(message)))
         .expect("static response parts are valid")
+}
+
+/// The expiry of each profile's client certificate, as a Prometheus gauge (Unix seconds);
+/// nothing when no profile has one.
+fn render_certificate_expiry(proxies: &[Proxy]) -> String {
+    let name = "credproxy_client_certificate_expiry_timestamp_seconds";
+    let mut out = String::new();
+    for proxy in proxies {
+        let Some(identity) = &proxy.settings().identity else {
+            continue;
+        };
+        if out.is_empty() {
+            let _ = writeln!(
+                out,
+                "# HELP {name} When the client certificate expires.\n# TYPE {name} gauge"
+            );
+        }
+        let expires = identity
+            .info()
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let _ = writeln!(
+            out,
+            "{name}{{profile=\"{}\"}} {expires}",
+            proxy.settings().profile
+        );
+    }
+    out
 }
 
 /// Renders every profile's totals in the Prometheus text format.

@@ -388,6 +388,8 @@ impl LiveCredentials {
 impl Loaded {
     fn new(generation: u64, secret: Option<Secret>, scheme: &Scheme, username: &str) -> Self {
         let (injection, unusable) = match &secret {
+            // A scheme without a secret of its own (the client certificate alone).
+            _ if !scheme.has_secret() => (Injection::none(), None),
             None => (Injection::none(), Some(Unusable::Missing)),
             Some(secret) => match scheme.injection(username, secret) {
                 Ok(injection) => (injection, None),

@@ -32,7 +32,7 @@ use self::live::{Blocked, LiveCredentials, Unusable};
 use self::rewrite::{Target, rewrite_request, rewrite_response, upgrade_protocol};
 pub use self::stats::Stats;
 use crate::config::{Profile, ServerUrl};
-use crate::credentials::{Scheme, Secret, SecretSource};
+use crate::credentials::{ClientIdentity, Scheme, Secret, SecretSource};
 use crate::error::Result;
 use crate::upstream::{self, ClientOptions, FailureKind, Pool, SendError, TlsTrust};
 
@@ -57,6 +57,10 @@ pub struct ProxySettings {
     /// What the user does when the stored credentials are rejected or missing: for the CLI
     /// the profile's `credproxy login` command, for an app its own words.
     pub fix: String,
+    /// The client certificate presented to a server that asks for one.
+    pub identity: Option<ClientIdentity>,
+    /// What the user does when the server refuses the client certificate (or wants one).
+    pub certificate_fix: String,
 }
 
 impl ProxySettings {
@@ -69,7 +73,9 @@ impl ProxySettings {
             trust: TlsTrust::for_profile(profile)?,
             client: ClientOptions::default(),
             idle_timeout: Duration::from_secs(300),
+            certificate_fix: format!("{fix} --client-cert FILE"),
             fix,
+            identity: None,
         })
     }
 }
@@ -116,7 +122,9 @@ impl Proxy {
         credentials: LiveCredentials,
         stats: Arc<Stats>,
     ) -> Result<Self> {
-        let tls = settings.trust.client_config(&[])?;
+        let tls = settings
+            .trust
+            .client_config(&[], settings.identity.as_ref())?;
         let target = Target::new(&settings.server);
         let options = &settings.client;
         let pool = Pool::new(
@@ -158,7 +166,7 @@ impl Proxy {
         &self.inner.credentials
     }
 
-    /// The settings this proxy runs with.
+    /// The settings this proxy runs with (its client certificate among them).
     pub fn settings(&self) -> &ProxySettings {
         &self.inner.settings
     }
@@ -351,6 +359,12 @@ impl Inner {
                     self.settings.fix
                 ),
             ),
+            FailureKind::ClientCertificate => (
+                StatusCode::BAD_GATEWAY,
+                "client_certificate_rejected",
+                format!("{server} {detail}"),
+                self.settings.certificate_fix.clone(),
+            ),
             FailureKind::Timeout => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
@@ -403,5 +417,6 @@ fn expiry_note(scheme: &Scheme) -> &'static str {
             "the service token has probably expired or been revoked; Cloudflare Access service tokens expire at the end of the duration chosen when they were made (a year by default)"
         }
         Scheme::Header(_) => "the values have probably expired or been revoked",
+        Scheme::None => "the client certificate has probably expired or been revoked",
     }
 }

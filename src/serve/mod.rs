@@ -352,15 +352,19 @@ mod tests {
     use crate::proxy::ProxySettings;
 
     fn proxy_for(server: &str) -> Proxy {
-        let settings = ProxySettings {
-            profile: "serve-test".to_owned(),
+        let profile = crate::config::Profile {
+            name: "serve-test".to_owned(),
             server: crate::config::ServerUrl::parse(server).unwrap(),
             username: "svc".to_owned(),
-            trust: crate::upstream::TlsTrust::public(),
-            client: crate::upstream::ClientOptions::default(),
-            idle_timeout: Duration::from_secs(60),
-            fix: "credproxy login".to_owned(),
+            auth: Scheme::Basic,
+            listen: crate::config::DEFAULT_LISTEN,
+            ca_cert: None,
+            pins: Vec::new(),
+            local_auth: false,
+            allow_hosts: Vec::new(),
+            client_cert: None,
         };
+        let settings = ProxySettings::for_profile(&profile, "credproxy login".into()).unwrap();
         Proxy::with_secret(settings, &Scheme::Basic, &Secret::new("pw".into())).unwrap()
     }
 

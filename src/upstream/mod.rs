@@ -22,7 +22,7 @@ use hyper_util::client::legacy::connect::dns::Name;
 use rustls::ClientConfig;
 
 pub use self::pool::{BoxError, Lane, Pool, SendError, UpstreamBody, origin};
-pub use self::tls::{TlsTrust, spki_sha256};
+pub use self::tls::{ClientAuth, TlsTrust, spki_sha256};
 
 /// Timeouts and pool settings for the upstream client.
 #[derive(Debug, Clone)]
@@ -123,6 +123,8 @@ pub enum FailureKind {
     Connect,
     /// The TLS handshake failed (often: certificate not trusted).
     Tls,
+    /// The server refused the client certificate, or wanted one and got none.
+    ClientCertificate,
     /// Something took longer than its timeout.
     Timeout,
     /// Anything else (connection reset, protocol error).
@@ -137,7 +139,10 @@ pub fn describe_failure(err: &(dyn std::error::Error + 'static)) -> (FailureKind
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return (FailureKind::Tls, tls.to_string());
+            return match client_certificate_refusal(tls) {
+                Some(refusal) => (FailureKind::ClientCertificate, refusal.to_owned()),
+                None => (FailureKind::Tls, tls.to_string()),
+            };
         }
         if let Some(dns) = e.downcast_ref::<DnsError>() {
             return (FailureKind::Dns, dns.detail.clone());
@@ -165,6 +170,42 @@ pub fn describe_failure(err: &(dyn std::error::Error + 'static)) -> (FailureKind
         cur = e.source();
     }
     (kind, detail)
+}
+
+/// What a TLS alert from the server says about the client certificate (in words that follow
+/// the server's name), when it is about one.
+///
+/// Servers that want a certificate and get none answer `certificate_required` (TLS 1.3) or,
+/// older ones, `handshake_failure` (which has other causes too: it is named as a possibility).
+pub fn client_certificate_refusal(err: &rustls::Error) -> Option<&'static str> {
+    use rustls::AlertDescription as Alert;
+    let rustls::Error::AlertReceived(alert) = err else {
+        return None;
+    };
+    Some(match alert {
+        Alert::CertificateRequired => {
+            "asks for a client certificate and none was sent (TLS alert certificate_required)"
+        }
+        Alert::BadCertificate => {
+            "refused the client certificate (TLS alert bad_certificate: it does not check out for this server)"
+        }
+        Alert::UnknownCA => {
+            "does not trust the issuer of the client certificate (TLS alert unknown_ca)"
+        }
+        Alert::CertificateExpired => {
+            "says the client certificate has expired (TLS alert certificate_expired)"
+        }
+        Alert::CertificateRevoked => {
+            "says the client certificate was revoked (TLS alert certificate_revoked)"
+        }
+        Alert::CertificateUnknown | Alert::UnsupportedCertificate | Alert::AccessDenied => {
+            "refused the client certificate (TLS alert certificate_unknown, unsupported_certificate or access_denied)"
+        }
+        Alert::HandshakeFailure => {
+            "ended the TLS handshake (TLS alert handshake_failure): a server that wants a client certificate and gets none, or one it cannot use, answers this way"
+        }
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

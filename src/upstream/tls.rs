@@ -1,16 +1,20 @@
 //! TLS to the upstream: which server certificates are trusted (public roots, the platform's,
-//! an extra CA, key pins), as a value handed in, and the rustls client configuration (ring).
+//! an extra CA, key pins), as a value handed in, the client certificate presented when the
+//! server asks for one, and the rustls client configuration (ring).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::{CaCert, Profile};
+use crate::credentials::ClientIdentity;
 use crate::error::{Error, Result};
 
 /// Which certificates the upstream may present: public roots plus any extra CAs.
@@ -94,8 +98,23 @@ impl TlsTrust {
         !self.pins.is_empty()
     }
 
-    /// Builds the rustls client configuration (ring provider) for this trust.
-    pub fn client_config(&self, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>> {
+    /// Builds the rustls client configuration (ring provider) for this trust, presenting
+    /// `identity` to a server that asks for a client certificate.
+    pub fn client_config(
+        &self,
+        alpn: &[&[u8]],
+        identity: Option<&ClientIdentity>,
+    ) -> Result<Arc<ClientConfig>> {
+        Ok(self.client_config_seen(alpn, identity)?.0)
+    }
+
+    /// [`TlsTrust::client_config`], and a record of whether the server asked for a client
+    /// certificate (what `login` and the doctor report).
+    pub fn client_config_seen(
+        &self,
+        alpn: &[&[u8]],
+        identity: Option<&ClientIdentity>,
+    ) -> Result<(Arc<ClientConfig>, Arc<ClientAuth>)> {
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for cert in platform_roots() {
@@ -108,11 +127,14 @@ impl TlsTrust {
                 .map_err(|e| Error::Tls(e.to_string()))?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let auth = Arc::new(ClientAuth::new(identity, &provider)?);
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Tls(e.to_string()))?;
         let mut config = if self.pins.is_empty() {
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder
+                .with_root_certificates(roots)
+                .with_client_cert_resolver(auth.clone())
         } else {
             let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
@@ -123,10 +145,61 @@ impl TlsTrust {
                     pins: self.pins.clone(),
                     webpki,
                 }))
-                .with_no_client_auth()
+                .with_client_cert_resolver(auth.clone())
         };
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(Arc::new(config))
+        Ok((Arc::new(config), auth))
+    }
+}
+
+/// The client side of TLS client authentication: the identity presented when the server asks
+/// for one (none: the handshake goes on without), and whether it asked.
+#[derive(Debug)]
+pub struct ClientAuth {
+    key: Option<Arc<CertifiedKey>>,
+    asked: AtomicBool,
+}
+
+impl ClientAuth {
+    fn new(
+        identity: Option<&ClientIdentity>,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<Self> {
+        let key = match identity {
+            Some(identity) => {
+                let (chain, key) = identity.to_rustls();
+                let signing = provider
+                    .key_provider
+                    .load_private_key(key)
+                    .map_err(|e| Error::Tls(format!("cannot use the client key: {e}")))?;
+                Some(Arc::new(CertifiedKey::new(chain, signing)))
+            }
+            None => None,
+        };
+        Ok(Self {
+            key,
+            asked: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether a server asked for a client certificate since this configuration was made.
+    pub fn asked(&self) -> bool {
+        self.asked.load(Ordering::Relaxed)
+    }
+}
+
+impl ResolvesClientCert for ClientAuth {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.asked.store(true, Ordering::Relaxed);
+        self.key.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.key.is_some()
     }
 }
 

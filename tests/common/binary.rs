@@ -33,13 +33,16 @@ pub fn binary() -> &'static Path {
     }
 }
 
-/// `credproxy ARGS` with `config` as its config file and the config file's directory as the
-/// runtime directory of its control sockets (so tests never meet each other's proxies).
+/// `credproxy ARGS` with `config` as its config file and the config file's directory as its
+/// home and the runtime directory of its control sockets (so tests never meet each other's
+/// proxies).
 pub fn command(config: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new(binary());
     cmd.args(args)
         .env("CREDPROXY_CONFIG", config)
         .env("XDG_RUNTIME_DIR", runtime_dir(config))
+        // Whatever it might write under a home directory lands where the test can see it.
+        .env("HOME", runtime_dir(config))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -140,6 +143,26 @@ impl Serving {
             stderr,
             logs: String::new(),
         }
+    }
+
+    /// Starts `credproxy serve --profile PROFILE` on a free port with an admin listener on
+    /// another; returns it and the admin listener's address.
+    pub async fn start_with_admin(config: &Path, profile: &str) -> (Serving, SocketAddr) {
+        let args = [
+            "--profile",
+            profile,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ];
+        let mut serving = Serving::start(config, &args).await;
+        let line = tokio::time::timeout(Duration::from_secs(30), serving.stdout.next_line())
+            .await
+            .expect("serve announced its admin listener")
+            .unwrap()
+            .expect("serve printed the admin line");
+        (serving, super::address_in(&line))
     }
 
     /// Reads its log (bounded) until a line contains `text`; returns that line.

@@ -20,6 +20,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::Digest;
 use tokio::net::{TcpListener, TcpSocket};
@@ -35,6 +36,8 @@ pub struct Seen {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub sni: Option<String>,
+    /// The client certificate of its connection (DER), if one was presented.
+    pub client_cert: Option<Vec<u8>>,
 }
 
 /// Shared state the tests read and steer.
@@ -141,7 +144,17 @@ impl Mock {
     }
 
     pub async fn start_with(username: &str, password: &str) -> Mock {
-        let (ca_pem, tls) = test_pki();
+        Self::start_full(username, password, None).await
+    }
+
+    /// Starts a mock that completes a TLS handshake only with a client certificate issued by
+    /// `client_ca` (PEM), as nginx `ssl_verify_client on` or Traefik's `clientAuth` do.
+    pub async fn start_requiring_client_certs(client_ca: &str) -> Mock {
+        Self::start_full("svc-test", "app-password-123", Some(client_ca)).await
+    }
+
+    async fn start_full(username: &str, password: &str, client_ca: Option<&str>) -> Mock {
+        let (ca_pem, tls) = test_pki_with(client_ca);
         let dir = tempfile::tempdir().unwrap();
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, &ca_pem).unwrap();
@@ -168,10 +181,17 @@ impl Mock {
                         };
                         state.connections.fetch_add(1, Ordering::SeqCst);
                         let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                        let client_cert = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .map(|cert| cert.to_vec());
                         let conn_state = state.clone();
                         let service = service_fn(move |req: Request<Incoming>| {
                             let state = state.clone();
                             let sni = sni.clone();
+                            let client_cert = client_cert.clone();
                             async move {
                                 if req.uri().path() == "/die" {
                                     // Read a little of the upload, then drop the connection.
@@ -187,7 +207,7 @@ impl Mock {
                                     }
                                     return Err(std::io::Error::other("mock upstream died"));
                                 }
-                                Ok(handle(req, &state, sni).await)
+                                Ok(handle(req, &state, sni, client_cert).await)
                             }
                         });
                         let served = hyper::server::conn::http1::Builder::new()
@@ -234,6 +254,11 @@ impl Mock {
 
 /// A fresh CA and a leaf certificate for `localhost` signed by it.
 pub fn test_pki() -> (String, rustls::ServerConfig) {
+    test_pki_with(None)
+}
+
+/// [`test_pki`], requiring client certificates from `client_ca` (PEM) when given.
+pub fn test_pki_with(client_ca: Option<&str>) -> (String, rustls::ServerConfig) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -248,17 +273,32 @@ pub fn test_pki() -> (String, rustls::ServerConfig) {
         .unwrap()
         .signed_by(&leaf_key, &issuer)
         .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![leaf.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-    )
-    .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
     (ca_cert.pem(), config)
 }
 
@@ -295,6 +335,7 @@ async fn handle(
     req: Request<Incoming>,
     state: &Arc<MockState>,
     sni: Option<String>,
+    client_cert: Option<Vec<u8>>,
 ) -> Response<MockBody> {
     state.seen.lock().unwrap().push(Seen {
         method: req.method().to_string(),
@@ -305,6 +346,7 @@ async fn handle(
             .unwrap_or_default(),
         headers: req.headers().clone(),
         sni,
+        client_cert,
     });
 
     // The gate: session cookie, then Basic, else a login redirect.

@@ -4,6 +4,7 @@
 pub mod binary;
 pub mod immich_api;
 pub mod mock;
+pub mod pki;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -58,6 +59,7 @@ pub fn profile_for(mock: &Mock) -> Profile {
         pins: Vec::new(),
         local_auth: false,
         allow_hosts: Vec::new(),
+        client_cert: None,
     }
 }
 
