@@ -222,6 +222,8 @@ const KOTLIN_API: &[&str] = &[
     "fun `stop`()",
     "fun `stats`(): ProxyStats",
     "fun `reloadCredentials`(): kotlin.Boolean",
+    "fun `clientCertificate`(`serverUrl`: kotlin.String): ClientCertificate?",
+    "fun `saveClientCertificate`(`profile`: kotlin.String, `certificate`: ClientCertificate)",
     "data class Header(val `names`: List<kotlin.String>)",
     "fun `check`(`config`: ProxyConfig): List<CheckResult>",
     "fun `saveAppPassword`(`profile`: kotlin.String, `password`: kotlin.String)",
@@ -242,6 +244,8 @@ const SWIFT_API: &[&str] = &[
     "func stop()",
     "func reloadCredentials()throws -> Bool",
     "case cloudflareAccess",
+    "func clientCertificate(serverUrl: String) throws -> ClientCertificate?",
+    "case pkcs12(data: Data, password: String)",
     "public func check(config: ProxyConfig)throws -> [CheckResult]",
     "public func saveAppPassword(profile: String, password: String)throws",
     "enum MobileError: Swift.Error",
@@ -280,6 +284,8 @@ fn kotlin_and_swift_bindings_generate() {
         "try startProxy(config: ProxyConfig(",
         ".provider(provider:",
         "func appPassword(serverUrl: String, username: String) throws -> String?",
+        "override fun clientCertificate(serverUrl: String): ClientCertificate?",
+        "func clientCertificate(serverUrl: String) throws -> ClientCertificate?",
         "catch let error as MobileError",
     ] {
         assert!(readme.contains(name), "README.md no longer shows {name}");
