@@ -38,9 +38,10 @@ pub trait LogSink: Send + Sync {
 /// How an embedded proxy runs.
 #[derive(Clone)]
 pub struct EmbedOptions {
-    /// Tokio worker threads; one or two carry a phone's traffic.
+    /// Threads of the runtime that accepts connections and reads credentials (one is plenty).
     pub worker_threads: usize,
-    /// Client connection limits and the drain time `stop` waits for.
+    /// Client connection limits, the serving threads (one carries a phone's traffic) and the
+    /// drain time `stop` waits for.
     pub server: ServeOptions,
     /// Where log events go, if anywhere.
     pub log: Option<Arc<dyn LogSink>>,
@@ -49,7 +50,7 @@ pub struct EmbedOptions {
 impl Default for EmbedOptions {
     fn default() -> Self {
         Self {
-            worker_threads: 2,
+            worker_threads: 1,
             server: ServeOptions {
                 max_connections: 256,
                 // `stop` blocks its caller (an app's UI or service thread) while requests drain.
@@ -106,6 +107,11 @@ impl Embedded {
         let addr = listener.local_addr().map_err(listen_err)?;
         let last_error = Arc::new(Mutex::new(None));
         let dispatch = log_dispatch(Some(last_error.clone()), options.log);
+        let mut server = options.server;
+        // The serving threads log to the same sink.
+        let thread_dispatch = dispatch.clone();
+        server.hooks.on_start = Some(Arc::new(move || install_dispatch(&thread_dispatch)));
+        server.hooks.on_stop = Some(Arc::new(remove_dispatch));
         // The runtime is part of what listens: failing to start its threads is failing to listen.
         let runtime = build_runtime(options.worker_threads, dispatch).map_err(listen_err)?;
         let registered = {
@@ -126,12 +132,7 @@ impl Embedded {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        let task = runtime.spawn(serve::run_sites(
-            listener,
-            receiver,
-            options.server,
-            shutdown,
-        ));
+        let task = runtime.spawn(serve::run_sites(listener, receiver, server, shutdown));
         Ok(Self {
             addr,
             local_token,
@@ -249,7 +250,8 @@ thread_local! {
         const { RefCell::new(None) };
 }
 
-/// A small multi-threaded runtime whose threads log to `dispatch`.
+/// A small multi-threaded runtime (accepting, credential reads) whose threads log to
+/// `dispatch`.
 ///
 /// The dispatcher is per thread rather than global, so each embedded proxy records its own
 /// last error and a host program's own subscriber is left alone. Idle, the threads sleep in
@@ -260,14 +262,19 @@ fn build_runtime(worker_threads: usize, dispatch: Dispatch) -> std::io::Result<R
         .max_blocking_threads(4)
         .thread_name("credproxy")
         .enable_all()
-        .on_thread_start(move || {
-            let guard = tracing::dispatcher::set_default(&dispatch);
-            THREAD_DISPATCH.with(|slot| *slot.borrow_mut() = Some(guard));
-        })
-        .on_thread_stop(|| {
-            THREAD_DISPATCH.with(|slot| slot.borrow_mut().take());
-        })
+        .on_thread_start(move || install_dispatch(&dispatch))
+        .on_thread_stop(remove_dispatch)
         .build()
+}
+
+/// Makes `dispatch` the calling thread's log dispatcher until [`remove_dispatch`].
+fn install_dispatch(dispatch: &Dispatch) {
+    let guard = tracing::dispatcher::set_default(dispatch);
+    THREAD_DISPATCH.with(|slot| *slot.borrow_mut() = Some(guard));
+}
+
+fn remove_dispatch() {
+    THREAD_DISPATCH.with(|slot| slot.borrow_mut().take());
 }
 
 /// A dispatcher that keeps the last warning or error in `last_error` and passes events to `sink`.

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         }
     };
     cli::init_logging(&cli);
-    let runtime = match cli::runtime(&cli) {
+    let runtime = match cli::runtime() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("credproxy: error: cannot start the async runtime: {err}");
@@ -28,9 +28,6 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(cli::run(cli));
-    // Worker threads write what they collected as they end; this thread does it here.
-    drop(runtime);
-    credproxy::ops::logging::flush_thread();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::mock::{self, Mock};
 use common::*;
-use credproxy::serve::ServeOptions;
+use credproxy::serve::{ServeOptions, ThreadHooks};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
@@ -185,7 +185,7 @@ async fn the_clients_own_auth_survives() {
     assert_eq!(tokens, ["explicit"]);
 }
 
-/// Captures formatted WARN events from everything running on this (current-thread) runtime.
+/// Captures formatted WARN events.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
@@ -208,18 +208,24 @@ async fn a_login_redirect_is_explained_to_the_client_and_logged_once_per_burst()
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let dispatch = tracing::Dispatch::new(subscriber);
+    let _guard = tracing::dispatcher::set_default(&dispatch);
+    // The serving thread logs there too, for its whole life.
+    let options = ServeOptions {
+        hooks: ThreadHooks {
+            on_start: Some(Arc::new(move || {
+                std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+            })),
+            ..ThreadHooks::default()
+        },
+        ..ServeOptions::default()
+    };
 
     let mock = Mock::start().await;
     mock.state
         .redirect_wrong_credentials
         .store(true, Ordering::SeqCst);
-    let proxy = start_proxy_with(
-        settings_for(&mock),
-        "stale-password",
-        ServeOptions::default(),
-    )
-    .await;
+    let proxy = start_proxy_with(settings_for(&mock), "stale-password", options).await;
     for _ in 0..10 {
         let (response, body) = get(proxy.addr, "/api/users/me").await;
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);

@@ -204,11 +204,12 @@ async fn a_pinned_key_is_trusted_without_a_ca_and_a_wrong_pin_is_refused() {
     );
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let mock = Mock::start().await;
+    // The serving thread keeps real time: a short timeout keeps the test short.
     let options = ServeOptions {
-        header_read_timeout: Duration::from_secs(5),
+        header_read_timeout: Duration::from_secs(1),
         ..ServeOptions::default()
     };
     let proxy = start_proxy_with(settings_for(&mock), &mock.password, options).await;
@@ -221,7 +222,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest).await;
     assert!(
-        started.elapsed() >= Duration::from_secs(5),
+        started.elapsed() >= Duration::from_secs(1),
         "closed only after the timeout"
     );
     assert!(started.elapsed() < Duration::from_secs(60));

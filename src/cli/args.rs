@@ -110,8 +110,8 @@ pub struct ServeArgs {
     /// Client connections served at once; more are refused with 503.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub max_connections: usize,
-    /// Threads that serve (one event loop: a multi-thread runtime when more than one)
-    /// [default: 1, which carries a gigabyte a second on loopback].
+    /// Threads that serve, all in one event loop (a multi-thread runtime when more than one)
+    /// [default: the number of CPUs, at most 4].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
     /// Serve /healthz and Prometheus /metrics on this loopback address (never a proxied port).

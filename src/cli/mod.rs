@@ -56,35 +56,13 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The runtime a command runs on: one thread, or for `serve --threads N` (N > 1) a
-/// multi-thread runtime with N workers. Threads that serve collect their log lines and write
-/// them when they go idle ([`crate::ops::logging::batch_thread`]).
-pub fn runtime(cli: &Cli) -> std::io::Result<tokio::runtime::Runtime> {
-    use crate::ops::logging;
-    let Command::Serve(args) = &cli.command else {
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
-    };
-    match args
-        .threads
-        .map_or_else(serve::default_threads, usize::from)
-    {
-        0 | 1 => {
-            logging::batch_thread();
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_park(logging::flush_thread)
-                .build()
-        }
-        threads => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("credproxy")
-            .enable_all()
-            .on_thread_start(logging::batch_thread)
-            .on_thread_park(logging::flush_thread)
-            .build(),
-    }
+/// The runtime a command runs on: one thread. (`serve` starts its serving threads, each an
+/// event loop of its own, in [`crate::serve::run_sites`]; this one accepts, reloads and
+/// answers the admin listener.)
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// Sends log events to standard error: `CREDPROXY_LOG` (`info`, `warn,credproxy=debug`)

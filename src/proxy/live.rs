@@ -7,7 +7,7 @@
 //! on the way in and, once a second, a timestamp on the way out.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -29,7 +29,7 @@ pub struct LiveCredentials {
     scheme: Scheme,
     username: String,
     source: Arc<dyn SecretSource>,
-    current: RwLock<Arc<Loaded>>,
+    current: Mutex<Arc<Loaded>>,
     /// False while the credentials work: the check every request makes.
     blocked: AtomicBool,
     state: Mutex<State>,
@@ -198,7 +198,7 @@ impl LiveCredentials {
             scheme,
             username,
             source,
-            current: RwLock::new(Arc::new(loaded)),
+            current: Mutex::new(Arc::new(loaded)),
             blocked: AtomicBool::new(blocked),
             state: Mutex::new(State {
                 last_read: Some(Instant::now()),
@@ -222,10 +222,7 @@ impl LiveCredentials {
 
     /// The credentials loaded now.
     pub fn current(&self) -> Arc<Loaded> {
-        self.current
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        lock(&self.current).clone()
     }
 
     /// The credentials to send with the next request, or why it must not be sent.
@@ -367,10 +364,7 @@ impl LiveCredentials {
         let removed = secret.is_none();
         let loaded = Loaded::new(current.generation + 1, secret, &self.scheme, &self.username);
         let blocked = loaded.unusable.is_some();
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(loaded);
+        *lock(&self.current) = Arc::new(loaded);
         lock(&self.state).rejection = None;
         self.accepted_at.store(0, Ordering::Relaxed);
         self.jar.clear();

@@ -34,7 +34,7 @@ pub use self::stats::Stats;
 use crate::config::{Profile, ServerUrl};
 use crate::credentials::{ClientIdentity, Scheme, Secret, SecretSource};
 use crate::error::Result;
-use crate::upstream::{self, ClientOptions, FailureKind, Pool, SendError, TlsTrust};
+use crate::upstream::{self, ClientOptions, FailureKind, Pool, SendError, TlsTrust, WeakPool};
 
 /// The upstream connection of one client connection (see [`upstream::Lane`]).
 pub type Lane = upstream::Lane<Tracked<Incoming>>;
@@ -80,18 +80,25 @@ impl ProxySettings {
     }
 }
 
-/// One profile's proxy: rewrites, forwards, streams back. Clones share everything.
+/// One profile's proxy: rewrites, forwards, streams back.
+///
+/// Clones share everything. [`Proxy::shard`] makes one that shares the settings,
+/// credentials and statistics but keeps upstream connections of its own: for a serving
+/// thread, whose connections must be driven by its own event loop.
 #[derive(Clone)]
 pub struct Proxy {
     inner: Arc<Inner>,
+    pool: Pool<Tracked<Incoming>>,
 }
 
 struct Inner {
     settings: ProxySettings,
     target: Target,
     credentials: LiveCredentials,
-    pool: Pool<Tracked<Incoming>>,
+    tls: Arc<rustls::ClientConfig>,
     stats: Arc<Stats>,
+    /// Every shard's pool, for counting idle connections.
+    pools: std::sync::Mutex<Vec<WeakPool<Tracked<Incoming>>>>,
 }
 
 impl Proxy {
@@ -125,35 +132,42 @@ impl Proxy {
         let tls = settings
             .trust
             .client_config(&[], settings.identity.as_ref())?;
-        let target = Target::new(&settings.server);
-        let options = &settings.client;
-        let pool = Pool::new(
-            upstream::connector(tls, options),
-            upstream::origin(target.authority()),
-            options.pool_idle_timeout,
-            options.pool_max_idle,
-        );
+        let inner = Arc::new(Inner {
+            target: Target::new(&settings.server),
+            credentials,
+            tls,
+            settings,
+            stats,
+            pools: std::sync::Mutex::default(),
+        });
         Ok(Self {
-            inner: Arc::new(Inner {
-                credentials,
-                target,
-                pool,
-                settings,
-                stats,
-            }),
+            pool: pool_of(&inner, 1),
+            inner,
         })
+    }
+
+    /// One of `shards` proxies that share this one's settings, credentials and statistics,
+    /// each with upstream connections of its own (and its share of the idle ones).
+    pub fn shard(&self, shards: usize) -> Self {
+        Self {
+            pool: pool_of(&self.inner, shards),
+            inner: self.inner.clone(),
+        }
     }
 
     /// An upstream lane for one client connection: pass it to [`Proxy::handle`] for each of
     /// the connection's requests, drive it with [`upstream::Lane::drive`] and
     /// [`upstream::Lane::release`] it when the client leaves.
     pub fn lane(&self) -> Lane {
-        self.inner.pool.lane()
+        self.pool.lane()
     }
 
-    /// Idle upstream connections kept for reuse.
+    /// Idle upstream connections kept for reuse, by every shard.
     pub fn idle_upstream_connections(&self) -> usize {
-        self.inner.pool.idle_count()
+        crate::sync::lock(&self.inner.pools)
+            .iter()
+            .map(WeakPool::idle_count)
+            .sum()
     }
 
     /// Totals across every exchange so far.
@@ -247,6 +261,21 @@ impl Proxy {
         let body = Tracked::new(body, exchange, Direction::Down, idle);
         Response::from_parts(parts, Either::Left(body))
     }
+}
+
+/// The upstream connection pool of one shard of `inner`.
+fn pool_of(inner: &Inner, shards: usize) -> Pool<Tracked<Incoming>> {
+    let options = &inner.settings.client;
+    let pool = Pool::new(
+        upstream::connector(inner.tls.clone(), options),
+        upstream::origin(inner.target.authority()),
+        options.pool_idle_timeout,
+        options.pool_max_idle.div_ceil(shards.max(1)),
+    );
+    let mut pools = crate::sync::lock(&inner.pools);
+    pools.retain(|p| p.is_alive());
+    pools.push(pool.downgrade());
+    pool
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream.

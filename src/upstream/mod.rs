@@ -21,7 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
 use rustls::ClientConfig;
 
-pub use self::pool::{BoxError, Lane, Pool, SendError, UpstreamBody, origin};
+pub use self::pool::{BoxError, Lane, Pool, SendError, UpstreamBody, WeakPool, origin};
 pub use self::tls::{ClientAuth, TlsTrust, spki_sha256};
 
 /// Timeouts and pool settings for the upstream client.

@@ -101,7 +101,27 @@ impl<B> Clone for Pool<B> {
     }
 }
 
+/// A pool that may be gone (its serving thread ended): for counting, not for use.
+pub struct WeakPool<B>(Weak<PoolInner<B>>);
+
+impl<B> WeakPool<B> {
+    /// How many idle connections the pool holds now (none once it is gone).
+    pub fn idle_count(&self) -> usize {
+        self.0.upgrade().map_or(0, |pool| lock(&pool.idle).len())
+    }
+
+    /// Whether the pool still exists.
+    pub fn is_alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
 impl<B: UpstreamBody> Pool<B> {
+    /// A handle that does not keep the pool alive.
+    pub fn downgrade(&self) -> WeakPool<B> {
+        WeakPool(Arc::downgrade(&self.inner))
+    }
+
     /// A pool of connections to `origin` (`https://host:port`) made with `connector`; at most
     /// `max_idle` idle connections are kept, each for at most `idle_timeout`.
     pub fn new(connector: Connector, origin: Uri, idle_timeout: Duration, max_idle: usize) -> Self {
