@@ -418,7 +418,7 @@ impl Checker {
         }
         if is_pong(&response) {
             Ok(())
-        } else if let Some(what) = http_certificate_refusal(&response) {
+        } else if let Some(what) = gate::certificate_refusal(response.status, &response.body) {
             Err(CheckError::ClientCertificate {
                 server: self.server.to_string(),
                 what,
@@ -436,24 +436,6 @@ impl Checker {
                     .to_owned(),
             })
         }
-    }
-}
-
-/// What an HTTP answer says about the client certificate, for front ends that finish the
-/// handshake and answer 400 instead of a TLS alert (nginx with `ssl_verify_client`).
-fn http_certificate_refusal(response: &CheckResponse) -> Option<&'static str> {
-    if response.status != StatusCode::BAD_REQUEST {
-        return None;
-    }
-    let body = String::from_utf8_lossy(&response.body);
-    if body.contains("No required SSL certificate was sent") {
-        Some(
-            "asks for a client certificate and none was sent (HTTP 400: No required SSL certificate was sent)",
-        )
-    } else if body.contains("The SSL certificate error") {
-        Some("refused the client certificate (HTTP 400: The SSL certificate error)")
-    } else {
-        None
     }
 }
 
@@ -546,37 +528,4 @@ pub fn is_pong(response: &CheckResponse) -> bool {
     response.status == StatusCode::OK
         && serde_json::from_slice::<serde_json::Value>(&response.body)
             .is_ok_and(|v| v.get("res").and_then(|r| r.as_str()) == Some("pong"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn answer(status: u16, body: &'static str) -> CheckResponse {
-        CheckResponse {
-            status: StatusCode::from_u16(status).unwrap(),
-            headers: HeaderMap::new(),
-            body: Bytes::from_static(body.as_bytes()),
-        }
-    }
-
-    #[test]
-    fn nginx_answers_about_client_certificates_are_recognised() {
-        let none = answer(
-            400,
-            "<html><center>No required SSL certificate was sent</center>",
-        );
-        assert!(
-            http_certificate_refusal(&none)
-                .unwrap()
-                .contains("none was sent")
-        );
-        let bad = answer(400, "<html><center>The SSL certificate error</center>");
-        assert!(http_certificate_refusal(&bad).unwrap().contains("refused"));
-        assert_eq!(http_certificate_refusal(&answer(400, "bad request")), None);
-        assert_eq!(
-            http_certificate_refusal(&answer(200, "No required SSL certificate was sent")),
-            None
-        );
-    }
 }

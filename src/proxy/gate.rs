@@ -1,5 +1,6 @@
-//! The gate in front of Immich: recognising the Authentik proxy outpost's answers (login
-//! redirects, header-auth rejections).
+//! The gates in front of Immich: recognising the Authentik proxy outpost's answers (login
+//! redirects, header-auth rejections) and a TLS front end's HTTP refusal of the client
+//! certificate (nginx `ssl_verify_client`).
 
 use http::{HeaderMap, StatusCode, header};
 
@@ -50,6 +51,43 @@ pub fn classify(status: StatusCode, headers: &HeaderMap) -> Verdict {
         return Verdict::Rejected;
     }
     Verdict::Passed
+}
+
+/// The longest page [`certificate_refusal`] reads: nginx's are about 250 bytes.
+pub const MAX_REFUSAL_PAGE: u64 = 2048;
+
+/// Whether a response may be a front end's refusal of the client certificate, from its head
+/// alone: a 400 HTML page of a known, small length. Only such a page is read whole before it
+/// is passed on (every other body streams untouched).
+pub fn may_refuse_certificate(status: StatusCode, headers: &HeaderMap) -> bool {
+    status == StatusCode::BAD_REQUEST
+        && is_html(headers)
+        && headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|len| len <= MAX_REFUSAL_PAGE)
+}
+
+/// What an HTTP answer says about the client certificate, for front ends that finish the
+/// TLS handshake whatever the client sent and answer 400 instead of a TLS alert: nginx with
+/// `ssl_verify_client on` (its 496 and 495 errors, sent as 400 pages).
+pub fn certificate_refusal(status: StatusCode, body: &[u8]) -> Option<&'static str> {
+    if status != StatusCode::BAD_REQUEST {
+        return None;
+    }
+    let body = String::from_utf8_lossy(body);
+    if body.contains("No required SSL certificate was sent") {
+        Some(
+            "asks for a client certificate and none was sent (HTTP 400: No required SSL certificate was sent)",
+        )
+    } else if body.contains("The SSL certificate error") {
+        Some(
+            "refused the client certificate (HTTP 400: The SSL certificate error): expired, not yet valid, or not issued by a CA the server trusts (its error log says which)",
+        )
+    } else {
+        None
+    }
 }
 
 fn redirects_to_outpost(headers: &HeaderMap) -> bool {
@@ -122,5 +160,36 @@ mod tests {
             Verdict::Passed
         );
         assert_eq!(classify(StatusCode::OK, &gate), Verdict::Passed);
+    }
+
+    #[test]
+    fn nginx_pages_about_client_certificates_are_recognised() {
+        let none = "<html><center>No required SSL certificate was sent</center>".as_bytes();
+        let refusal = certificate_refusal(StatusCode::BAD_REQUEST, none).unwrap();
+        assert!(refusal.contains("none was sent"), "{refusal}");
+        let bad = "<html><center>The SSL certificate error</center>".as_bytes();
+        let refusal = certificate_refusal(StatusCode::BAD_REQUEST, bad).unwrap();
+        assert!(refusal.contains("refused"), "{refusal}");
+        assert_eq!(
+            certificate_refusal(StatusCode::BAD_REQUEST, b"<h1>400 Bad Request</h1>"),
+            None
+        );
+        assert_eq!(certificate_refusal(StatusCode::OK, none), None);
+    }
+
+    #[test]
+    fn only_small_html_400s_are_read_for_a_certificate_refusal() {
+        let page = headers(&[("content-type", "text/html"), ("content-length", "246")]);
+        assert!(may_refuse_certificate(StatusCode::BAD_REQUEST, &page));
+        assert!(!may_refuse_certificate(StatusCode::OK, &page));
+        let json = headers(&[
+            ("content-type", "application/json"),
+            ("content-length", "40"),
+        ]);
+        assert!(!may_refuse_certificate(StatusCode::BAD_REQUEST, &json));
+        let streamed = headers(&[("content-type", "text/html")]);
+        assert!(!may_refuse_certificate(StatusCode::BAD_REQUEST, &streamed));
+        let large = headers(&[("content-type", "text/html"), ("content-length", "2049")]);
+        assert!(!may_refuse_certificate(StatusCode::BAD_REQUEST, &large));
     }
 }

@@ -233,6 +233,9 @@ impl Proxy {
             Ok(response) => response,
             Err(err) => return inner.upstream_failure(&exchange, &err),
         };
+        if gate::may_refuse_certificate(response.status(), response.headers()) {
+            return inner.small_page(response, client_host, exchange).await;
+        }
         match gate::classify(response.status(), response.headers()) {
             Verdict::Passed => inner.credentials.passed(&loaded),
             verdict => {
@@ -254,12 +257,9 @@ impl Proxy {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(bridge(client_upgrade, upstream_upgrade, exchange.clone()));
         }
-        let (mut parts, body) = response.into_parts();
-        inner.credentials.jar().absorb(&mut parts.headers);
-        rewrite_response(&mut parts, &inner.target, client_host.as_ref());
-        exchange.set_status(parts.status);
-        let body = Tracked::new(body, exchange, Direction::Down, idle);
-        Response::from_parts(parts, Either::Left(body))
+        let (parts, body) = response.into_parts();
+        let body = Tracked::new(body, exchange.clone(), Direction::Down, idle);
+        inner.respond(parts, client_host, &exchange, Either::Left(body))
     }
 }
 
@@ -303,6 +303,80 @@ async fn bridge(
 }
 
 impl Inner {
+    /// Passes an upstream answer on to the client: the gate's cookies kept, redirects
+    /// pointed back at this origin.
+    fn respond(
+        &self,
+        mut parts: http::response::Parts,
+        client_host: Option<HeaderValue>,
+        exchange: &Exchange,
+        body: ResponseBody,
+    ) -> Response<ResponseBody> {
+        self.credentials.jar().absorb(&mut parts.headers);
+        rewrite_response(&mut parts, &self.target, client_host.as_ref());
+        exchange.set_status(parts.status);
+        Response::from_parts(parts, body)
+    }
+
+    /// Reads a small 400 page whole (see [`gate::may_refuse_certificate`]): a front end's
+    /// refusal of the client certificate becomes the JSON 502 that names it and the fix,
+    /// anything else goes to the client as it came.
+    async fn small_page(
+        &self,
+        response: Response<Incoming>,
+        client_host: Option<HeaderValue>,
+        exchange: Arc<Exchange>,
+    ) -> Response<ResponseBody> {
+        use http_body_util::BodyExt;
+        let (parts, body) = response.into_parts();
+        let read = body.collect();
+        let page = match tokio::time::timeout(self.settings.idle_timeout, read).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(err)) => return self.upstream_failure(&exchange, &SendError::Http(err)),
+            Err(_) => {
+                self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                let message = format!(
+                    "{} answered 400 and then sent no more of its page for {} s",
+                    self.settings.server,
+                    self.settings.idle_timeout.as_secs()
+                );
+                tracing::warn!("{message}");
+                let fix = "retry; if it persists, run `credproxy doctor`".to_owned();
+                return self.error_response(
+                    &exchange,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    message,
+                    Some(fix),
+                );
+            }
+        };
+        if let Some(refusal) = gate::certificate_refusal(parts.status, &page) {
+            self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            return self.certificate_refused(&exchange, refusal);
+        }
+        exchange.add(Direction::Down, page.len() as u64);
+        self.respond(
+            parts,
+            client_host,
+            &exchange,
+            Either::Right(Full::new(page)),
+        )
+    }
+
+    /// The answer to a request the server refused because of the client certificate.
+    fn certificate_refused(&self, exchange: &Exchange, refusal: &str) -> Response<ResponseBody> {
+        let message = format!("{} {refusal}", self.settings.server);
+        tracing::warn!("{message}");
+        self.error_response(
+            exchange,
+            StatusCode::BAD_GATEWAY,
+            "client_certificate_rejected",
+            message,
+            Some(self.settings.certificate_fix.clone()),
+        )
+    }
+
     /// The answer to a request that was not sent because of the credentials: a 502 whose
     /// JSON names the profile, what is wrong and the fix (`credproxy login …`).
     fn blocked_response(&self, exchange: &Exchange, blocked: &Blocked) -> Response<ResponseBody> {
@@ -388,12 +462,7 @@ impl Inner {
                     self.settings.fix
                 ),
             ),
-            FailureKind::ClientCertificate => (
-                StatusCode::BAD_GATEWAY,
-                "client_certificate_rejected",
-                format!("{server} {detail}"),
-                self.settings.certificate_fix.clone(),
-            ),
+            FailureKind::ClientCertificate => return self.certificate_refused(exchange, &detail),
             FailureKind::Timeout => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",

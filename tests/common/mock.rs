@@ -19,9 +19,8 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::Digest;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Notify;
@@ -259,20 +258,7 @@ pub fn test_pki() -> (String, rustls::ServerConfig) {
 
 /// [`test_pki`], requiring client certificates from `client_ca` (PEM) when given.
 pub fn test_pki_with(client_ca: Option<&str>) -> (String, rustls::ServerConfig) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "credproxy test CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![MOCK_HOST.to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
+    let server = super::pki::ServerCert::new(MOCK_HOST);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -295,11 +281,11 @@ pub fn test_pki_with(client_ca: Option<&str>) -> (String, rustls::ServerConfig) 
     };
     let config = builder
         .with_single_cert(
-            vec![leaf.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+            vec![CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap(),
         )
         .unwrap();
-    (ca_cert.pem(), config)
+    (server.ca_pem, config)
 }
 
 pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<MockBody> {

@@ -4,6 +4,7 @@
 pub mod binary;
 pub mod immich_api;
 pub mod mock;
+pub mod nginx;
 pub mod pki;
 
 use std::net::SocketAddr;
@@ -49,13 +50,18 @@ impl Drop for RunningProxy {
 
 /// A profile for `mock`: its URL and service account, trusting its CA.
 pub fn profile_for(mock: &Mock) -> Profile {
+    profile_at(&mock.url(), &mock.username, &mock.ca_pem)
+}
+
+/// A Basic profile for the server at `url` whose certificate is issued by `ca_pem`.
+pub fn profile_at(url: &str, username: &str, ca_pem: &str) -> Profile {
     Profile {
         name: "test".to_owned(),
-        server: ServerUrl::parse(&mock.url()).unwrap(),
-        username: mock.username.clone(),
+        server: ServerUrl::parse(url).unwrap(),
+        username: username.to_owned(),
         auth: Scheme::Basic,
         listen: config::DEFAULT_LISTEN,
-        ca_cert: Some(CaCert::Pem(mock.ca_pem.clone())),
+        ca_cert: Some(CaCert::Pem(ca_pem.to_owned())),
         pins: Vec::new(),
         local_auth: false,
         allow_hosts: Vec::new(),

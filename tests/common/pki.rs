@@ -1,10 +1,45 @@
-//! Client certificates for the tests: a client CA the mock trusts, and certificates from it
-//! (valid, expired, not yet valid) or from a CA nobody trusts, as PEM or PKCS#12.
+//! Certificates for the tests: the upstream's server certificate from a test CA, and client
+//! certificates from a client CA the upstream trusts (valid, expired, not yet valid) or from
+//! a CA nobody trusts, as PEM or PKCS#12.
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, date_time_ymd,
 };
+
+/// An upstream's TLS certificate for `host`, from a CA of its own.
+pub struct ServerCert {
+    /// The CA's certificate, PEM: what the proxy trusts.
+    pub ca_pem: String,
+    /// The server's certificate, PEM.
+    pub cert_pem: String,
+    /// Its private key, PKCS#8 PEM.
+    pub key_pem: String,
+}
+
+impl ServerCert {
+    pub fn new(host: &str) -> Self {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "credproxy test CA");
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![host.to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        Self {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+}
 
 /// A certificate authority that issues client certificates.
 pub struct ClientCa {
