@@ -6,12 +6,21 @@ use std::time::Duration;
 
 use common::mock::Mock;
 use credproxy::config::ServerUrl;
-use credproxy::credentials::Secret;
+use credproxy::credentials::{Scheme, Secret};
 use credproxy::diagnose::check::Checker;
 use credproxy::diagnose::doctor::{self, Status, Step};
 use credproxy::upstream::TlsTrust;
 
 async fn steps(mock: &Mock, trust: TlsTrust, secret: Option<&str>) -> Vec<Step> {
+    steps_with(mock, trust, &Scheme::Basic, secret).await
+}
+
+async fn steps_with(
+    mock: &Mock,
+    trust: TlsTrust,
+    scheme: &Scheme,
+    secret: Option<&str>,
+) -> Vec<Step> {
     let checker = Checker::new(
         ServerUrl::parse(&mock.url()).unwrap(),
         trust.client_config(&[b"http/1.1"], None).unwrap(),
@@ -21,7 +30,7 @@ async fn steps(mock: &Mock, trust: TlsTrust, secret: Option<&str>) -> Vec<Step> 
     doctor::network_steps(&doctor::Target {
         checker: &checker,
         username: &mock.username,
-        scheme: &credproxy::credentials::Scheme::Basic,
+        scheme,
         secret: secret.as_ref(),
         login_command: "credproxy login --profile test".to_owned(),
     })
@@ -131,4 +140,28 @@ async fn a_server_without_a_gate_is_flagged() {
     let gate = by_name(&steps, "gate");
     assert_eq!(gate.status, Status::Warn, "{gate}");
     assert!(gate.detail.contains("without any gate"), "{gate}");
+}
+
+#[tokio::test]
+async fn cloudflare_access_is_recognised_as_the_gate_and_names_a_refused_token() {
+    let mock = Mock::start().await;
+    mock.gate_is_cloudflare_access("abc.access", "right");
+    let scheme = Scheme::CloudflareAccess;
+    let steps = steps_with(&mock, trust(&mock), &scheme, Some("abc.access\nright")).await;
+    let gate = by_name(&steps, "gate");
+    assert_eq!(gate.status, Status::Pass, "{gate}");
+    assert!(gate.detail.contains("Cloudflare Access"), "{gate}");
+    for step in &steps {
+        assert_eq!(step.status, Status::Pass, "{step}");
+    }
+
+    let steps = steps_with(&mock, trust(&mock), &scheme, Some("abc.access\nrevoked")).await;
+    let credentials = by_name(&steps, "credentials");
+    assert_eq!(credentials.status, Status::Fail);
+    assert!(
+        credentials
+            .detail
+            .contains("Cloudflare Access redirected to its login page"),
+        "{credentials}"
+    );
 }

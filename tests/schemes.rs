@@ -89,3 +89,47 @@ async fn a_wrong_header_value_is_refused_by_the_gate_not_bypassed() {
     let (response, _) = get(addr, "/api/server/ping").await;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn cloudflare_access_refusing_the_token_is_named_and_a_new_token_heals_the_proxy() {
+    use credproxy::credentials::{CredentialStore, MemoryStore, StoreEntry};
+    use credproxy::proxy::live::LiveCredentials;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    let mock = Mock::start().await;
+    mock.gate_is_cloudflare_access("abc.access", "new-secret");
+    let store = Arc::new(MemoryStore::new());
+    let answer = |token: &str| store.set("cf", &Secret::new(token.to_owned())).unwrap();
+    answer("abc.access\nrevoked-secret");
+    let source = Arc::new(StoreEntry::new(store.clone(), "cf"));
+    let credentials =
+        LiveCredentials::load(Scheme::CloudflareAccess, String::new(), source).unwrap();
+    let proxy = Proxy::new(settings_for(&mock), credentials).unwrap();
+    let running = start_site(Site::new(proxy), ServeOptions::default()).await;
+
+    // The client gets the clear error, not a redirect to a login page it cannot use.
+    let (response, body) = get(running.addr, "/api/server/ping").await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert!(!response.headers().contains_key("location"));
+    let error = json(&body);
+    assert_eq!(error["error"], "credentials_rejected", "{error}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("Cloudflare Access redirected to its login page"),
+        "{message}"
+    );
+
+    // A new token in the store: the rejected proxy reads it again by itself.
+    answer("abc.access\nnew-secret");
+    let mut healed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if get(running.addr, "/api/server/ping").await.0.status() == StatusCode::OK {
+            healed = true;
+            break;
+        }
+    }
+    assert!(healed, "the proxy never read the new token");
+    assert_eq!(mock.state.rejected.load(Ordering::SeqCst), 1);
+}

@@ -283,6 +283,10 @@ async fn gate_without_credentials(checker: &Checker) -> Step {
             "gate",
             "an Authentik outpost rejects unauthenticated requests (HTTP 401)",
         ),
+        Verdict::AccessLoginRedirect => Step::pass(
+            "gate",
+            "Cloudflare Access answers unauthenticated requests with its login redirect",
+        ),
         Verdict::Passed if is_pong(&response) => Step {
             name: "gate",
             status: Status::Warn,

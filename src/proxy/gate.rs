@@ -1,11 +1,16 @@
 //! The gates in front of Immich: recognising the Authentik proxy outpost's answers (login
-//! redirects, header-auth rejections) and a TLS front end's HTTP refusal of the client
-//! certificate (nginx `ssl_verify_client`).
+//! redirects, header-auth rejections), Cloudflare Access's login redirect, and a TLS front
+//! end's HTTP refusal of the client certificate (nginx `ssl_verify_client`).
 
 use http::{HeaderMap, StatusCode, header};
 
 /// The path the outpost redirects unauthenticated requests to.
 pub const OUTPOST_START: &str = "/outpost.goauthentik.io/start";
+
+/// The path Cloudflare Access redirects requests without an accepted service token (or
+/// session) to, on the team's `cloudflareaccess.com` domain (cloudflared recognises Access
+/// by the same prefix).
+pub const ACCESS_LOGIN: &str = "/cdn-cgi/access/login";
 
 /// Prefix of the session cookies the outpost sets (`authentik_proxy_` + 8 hex characters).
 pub const SESSION_COOKIE_PREFIX: &str = "authentik_proxy";
@@ -19,6 +24,8 @@ pub enum Verdict {
     LoginRedirect,
     /// The gate answered 401 with its HTML page: the credentials were rejected.
     Rejected,
+    /// Cloudflare Access redirected to its login page: it did not accept the service token.
+    AccessLoginRedirect,
 }
 
 impl Verdict {
@@ -32,6 +39,9 @@ impl Verdict {
             Verdict::Rejected => {
                 "the Authentik outpost rejected the stored credentials (HTTP 401): wrong username or app password, an expired token, or a policy denies this account"
             }
+            Verdict::AccessLoginRedirect => {
+                "Cloudflare Access redirected to its login page: it did not accept the stored service token (a wrong, expired or revoked token, or no Service Auth policy of the application includes it)"
+            }
         }
     }
 }
@@ -41,8 +51,12 @@ impl Verdict {
 /// The outpost's 401 page is rendered HTML without `WWW-Authenticate`; Immich's own 401s are
 /// JSON, so they pass through untouched.
 pub fn classify(status: StatusCode, headers: &HeaderMap) -> Verdict {
-    if status.is_redirection() && redirects_to_outpost(headers) {
-        return Verdict::LoginRedirect;
+    if status.is_redirection() {
+        match redirect_path(headers) {
+            Some(path) if path.starts_with(OUTPOST_START) => return Verdict::LoginRedirect,
+            Some(path) if path.starts_with(ACCESS_LOGIN) => return Verdict::AccessLoginRedirect,
+            _ => {}
+        }
     }
     if status == StatusCode::UNAUTHORIZED
         && !headers.contains_key(header::WWW_AUTHENTICATE)
@@ -90,14 +104,17 @@ pub fn certificate_refusal(status: StatusCode, body: &[u8]) -> Option<&'static s
     }
 }
 
-fn redirects_to_outpost(headers: &HeaderMap) -> bool {
-    let Some(location) = headers.get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
-        return false;
+/// The path a redirect points at (of an absolute or a relative `Location`).
+fn redirect_path(headers: &HeaderMap) -> Option<&str> {
+    let location = headers.get(header::LOCATION)?.to_str().ok()?;
+    let path = match location.find("://") {
+        Some(scheme_end) => {
+            let after = &location[scheme_end + 3..];
+            &after[after.find('/')?..]
+        }
+        None => location,
     };
-    match location.parse::<http::Uri>() {
-        Ok(uri) => uri.path().starts_with(OUTPOST_START),
-        Err(_) => location.contains(OUTPOST_START),
-    }
+    Some(path)
 }
 
 fn is_html(headers: &HeaderMap) -> bool {
@@ -142,6 +159,26 @@ mod tests {
             );
         }
         let h = headers(&[("location", "/photos")]);
+        assert_eq!(classify(StatusCode::FOUND, &h), Verdict::Passed);
+        let h = headers(&[(
+            "location",
+            "https://example.com/x?rd=/outpost.goauthentik.io/start",
+        )]);
+        assert_eq!(classify(StatusCode::FOUND, &h), Verdict::Passed);
+    }
+
+    #[test]
+    fn cloudflare_access_login_redirects_are_recognised() {
+        let h = headers(&[(
+            "location",
+            "https://team.cloudflareaccess.com/cdn-cgi/access/login/immich.example.com?kid=4f2&redirect_url=%2Fapi%2Fserver%2Fping",
+        )]);
+        assert_eq!(
+            classify(StatusCode::FOUND, &h),
+            Verdict::AccessLoginRedirect
+        );
+        assert_eq!(classify(StatusCode::OK, &h), Verdict::Passed);
+        let h = headers(&[("location", "https://team.example.com/cdn-cgi/other")]);
         assert_eq!(classify(StatusCode::FOUND, &h), Verdict::Passed);
     }
 

@@ -428,7 +428,7 @@ impl Inner {
                         expiry_note(self.credentials.scheme()),
                     ),
                     None => format!(
-                        "{} for profile '{profile}' at {server}; credproxy pauses sending them for {pause} s so Authentik is not flooded",
+                        "{} for profile '{profile}' at {server}; credproxy pauses sending them for {pause} s so the gate is not flooded",
                         verdict.explain()
                     ),
                 }

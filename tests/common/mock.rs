@@ -69,6 +69,9 @@ pub struct MockState {
     /// When set, the gate wants these headers (Cloudflare Access / Pangolin style) instead of
     /// Basic: all present and right passes, a wrong one gets 403, none a login redirect.
     pub gate_headers: Mutex<Option<Vec<(String, String)>>>,
+    /// With `gate_headers`: the gate is Cloudflare Access, which redirects every request
+    /// without the right service token to its login page.
+    pub access_login: std::sync::atomic::AtomicBool,
     /// When set, there is no gate at all: Immich answers everyone.
     pub no_gate: std::sync::atomic::AtomicBool,
     /// When set, the host behind the gate is some other web server, not Immich.
@@ -236,6 +239,16 @@ impl Mock {
 
     /// Makes the gate want these headers (Cloudflare Access or Pangolin style) instead of
     /// Basic: all present and right passes, a wrong one gets 403, none a login redirect.
+    /// Makes the gate Cloudflare Access wanting this service token: the right
+    /// `CF-Access-Client-Id` and `-Secret` pass, anything else is redirected to its login page.
+    pub fn gate_is_cloudflare_access(&self, client_id: &str, client_secret: &str) {
+        self.gate_wants(&[
+            ("cf-access-client-id", client_id),
+            ("cf-access-client-secret", client_secret),
+        ]);
+        self.state.access_login.store(true, Ordering::SeqCst);
+    }
+
     pub fn gate_wants(&self, pairs: &[(&str, &str)]) {
         *self.state.gate_headers.lock().unwrap() = Some(
             pairs
@@ -354,6 +367,11 @@ async fn handle(
             state.exchanges.fetch_add(1, Ordering::SeqCst);
             return immich(req, state).await;
         }
+        if state.access_login.load(Ordering::SeqCst) {
+            state.exchanges.fetch_add(1, Ordering::SeqCst);
+            state.rejected.fetch_add(1, Ordering::SeqCst);
+            return access_login_redirect(&req);
+        }
         if wanted
             .iter()
             .any(|(name, _)| req.headers().contains_key(name.as_str()))
@@ -401,24 +419,39 @@ async fn handle(
     response
 }
 
-/// The outpost's answer to a request without (accepted) credentials.
-fn login_redirect(req: &Request<Incoming>) -> Response<MockBody> {
+/// A 302 to `location(host, path)`, for the request's `Host` and path.
+fn redirect(
+    req: &Request<Incoming>,
+    location: impl Fn(&str, &str) -> String,
+) -> Response<MockBody> {
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .unwrap_or("localhost")
-        .to_owned();
+        .unwrap_or("localhost");
     let mut response = full(StatusCode::FOUND, "text/html", "");
-    response.headers_mut().insert(
-        header::LOCATION,
+    let location = location(host, req.uri().path());
+    response
+        .headers_mut()
+        .insert(header::LOCATION, location.parse().unwrap());
+    response
+}
+
+/// Cloudflare Access's answer to a request without an accepted service token.
+fn access_login_redirect(req: &Request<Incoming>) -> Response<MockBody> {
+    redirect(req, |host, path| {
+        let path = path.trim_start_matches('/');
         format!(
-            "https://{host}/outpost.goauthentik.io/start?rd=https%3A%2F%2F{host}{}",
-            req.uri().path()
+            "https://team.cloudflareaccess.com/cdn-cgi/access/login/{host}?kid=0a1b&redirect_url=%2F{path}"
         )
-        .parse()
-        .unwrap(),
-    );
+    })
+}
+
+/// The outpost's answer to a request without (accepted) credentials.
+fn login_redirect(req: &Request<Incoming>) -> Response<MockBody> {
+    let mut response = redirect(req, |host, path| {
+        format!("https://{host}/outpost.goauthentik.io/start?rd=https%3A%2F%2F{host}{path}")
+    });
     response.headers_mut().insert(
         header::SET_COOKIE,
         format!("{COOKIE_NAME}=unauthenticated; Path=/; HttpOnly; Secure")
