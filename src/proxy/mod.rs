@@ -257,9 +257,10 @@ impl Proxy {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             tokio::spawn(bridge(client_upgrade, upstream_upgrade, exchange.clone()));
         }
-        let (parts, body) = response.into_parts();
-        let body = Tracked::new(body, exchange.clone(), Direction::Down, idle);
-        inner.respond(parts, client_host, &exchange, Either::Left(body))
+        let (mut parts, body) = response.into_parts();
+        inner.pass_on(&mut parts, client_host.as_ref(), &exchange);
+        let body = Tracked::new(body, exchange, Direction::Down, idle);
+        Response::from_parts(parts, Either::Left(body))
     }
 }
 
@@ -303,19 +304,17 @@ async fn bridge(
 }
 
 impl Inner {
-    /// Passes an upstream answer on to the client: the gate's cookies kept, redirects
-    /// pointed back at this origin.
-    fn respond(
+    /// Readies an upstream answer's head for the client: the gate's cookies kept, redirects
+    /// pointed back at this origin, the status recorded.
+    fn pass_on(
         &self,
-        mut parts: http::response::Parts,
-        client_host: Option<HeaderValue>,
+        parts: &mut http::response::Parts,
+        client_host: Option<&HeaderValue>,
         exchange: &Exchange,
-        body: ResponseBody,
-    ) -> Response<ResponseBody> {
+    ) {
         self.credentials.jar().absorb(&mut parts.headers);
-        rewrite_response(&mut parts, &self.target, client_host.as_ref());
+        rewrite_response(parts, &self.target, client_host);
         exchange.set_status(parts.status);
-        Response::from_parts(parts, body)
     }
 
     /// Reads a small 400 page whole (see [`gate::may_refuse_certificate`]): a front end's
@@ -328,7 +327,7 @@ impl Inner {
         exchange: Arc<Exchange>,
     ) -> Response<ResponseBody> {
         use http_body_util::BodyExt;
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
         let read = body.collect();
         let page = match tokio::time::timeout(self.settings.idle_timeout, read).await {
             Ok(Ok(collected)) => collected.to_bytes(),
@@ -356,12 +355,8 @@ impl Inner {
             return self.certificate_refused(&exchange, refusal);
         }
         exchange.add(Direction::Down, page.len() as u64);
-        self.respond(
-            parts,
-            client_host,
-            &exchange,
-            Either::Right(Full::new(page)),
-        )
+        self.pass_on(&mut parts, client_host.as_ref(), &exchange);
+        Response::from_parts(parts, Either::Right(Full::new(page)))
     }
 
     /// The answer to a request the server refused because of the client certificate.
