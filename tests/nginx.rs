@@ -80,17 +80,21 @@ async fn nginx_refusing_the_certificate_gets_the_clear_error_and_its_other_pages
         assert!(message.contains(words), "{words:?} not in {message}");
         let fix = answer["fix"].as_str().unwrap();
         assert!(fix.ends_with("--client-cert FILE"), "{answer}");
+        // The request never reached a gate: it says nothing of the credentials.
+        let health = running.proxy.credentials().health();
+        assert_eq!(health.last_accepted, None, "{words}");
+        assert_eq!(health.rejected, None, "{words}");
     }
 
     let settings = settings(&nginx, &server, Some(&good));
     let secret = Secret::new("unused".to_owned());
     let proxy = Proxy::with_secret(settings, &Scheme::Basic, &secret).unwrap();
     let running = start_site(Site::new(proxy), ServeOptions::default()).await;
-    let (response, body) = common::get(running.addr, "/api/server/ping").await;
-    assert_eq!(response.status(), StatusCode::OK, "{body:?}");
-    assert_eq!(common::json(&body)["res"], "pong");
-    // nginx's own 400 page, read whole to be looked at, goes to the client as it came.
+    // nginx's own 400 page, read whole to be looked at, goes to the client as it came (and,
+    // like any answer that is not a gate's refusal, counts as the gate letting it through).
     let (response, body) = common::get(running.addr, "/bad").await;
+    let health = running.proxy.credentials().health();
+    assert!(health.last_accepted.is_some());
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let content_type = response.headers()[header::CONTENT_TYPE].to_str().unwrap();
     assert!(content_type.starts_with("text/html"), "{content_type}");
@@ -100,6 +104,9 @@ async fn nginx_refusing_the_certificate_gets_the_clear_error_and_its_other_pages
         response.headers()[header::CONTENT_LENGTH],
         body.len().to_string().as_str()
     );
+    let (response, body) = common::get(running.addr, "/api/server/ping").await;
+    assert_eq!(response.status(), StatusCode::OK, "{body:?}");
+    assert_eq!(common::json(&body)["res"], "pong");
 }
 
 #[tokio::test]

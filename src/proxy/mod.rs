@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 
 use self::body::{Direction, Exchange, Full, ResponseBody, Tracked};
 use self::gate::Verdict;
-use self::live::{Blocked, LiveCredentials, Unusable};
+use self::live::{Blocked, LiveCredentials, Loaded, Unusable};
 use self::rewrite::{Target, rewrite_request, rewrite_response, upgrade_protocol};
 pub use self::stats::Stats;
 use crate::config::{Profile, ServerUrl};
@@ -234,7 +234,9 @@ impl Proxy {
             Err(err) => return inner.upstream_failure(&exchange, &err),
         };
         if gate::may_refuse_certificate(response.status(), response.headers()) {
-            return inner.small_page(response, client_host, exchange).await;
+            return inner
+                .small_page(response, &loaded, client_host, exchange)
+                .await;
         }
         match gate::classify(response.status(), response.headers()) {
             Verdict::Passed => inner.credentials.passed(&loaded),
@@ -319,10 +321,12 @@ impl Inner {
 
     /// Reads a small 400 page whole (see [`gate::may_refuse_certificate`]): a front end's
     /// refusal of the client certificate becomes the JSON 502 that names it and the fix,
-    /// anything else goes to the client as it came.
+    /// anything else goes to the client as it came (and counts as the gate's pass, as every
+    /// answer that is not the gate's refusal does).
     async fn small_page(
         &self,
         response: Response<Incoming>,
+        loaded: &Loaded,
         client_host: Option<HeaderValue>,
         exchange: Arc<Exchange>,
     ) -> Response<ResponseBody> {
@@ -354,6 +358,7 @@ impl Inner {
             self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             return self.certificate_refused(&exchange, refusal);
         }
+        self.credentials.passed(loaded);
         exchange.add(Direction::Down, page.len() as u64);
         self.pass_on(&mut parts, client_host.as_ref(), &exchange);
         Response::from_parts(parts, Either::Right(Full::new(page)))
