@@ -7,30 +7,14 @@ mod common;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use common::binary::{Serving, require_secret_service, run, run_shell, unique_profile};
+use common::binary::{Serving, login_at, require_secret_service, run, run_shell, unique_profile};
 use common::mock::Mock;
 use http::StatusCode;
 
 /// `login --no-verify` of `secret` (values one per line) for `profile` at `mock`.
 async fn store(config: &Path, mock: &Mock, profile: &str, extra: &[&str], secret: &str) {
-    let url = mock.url();
-    let ca = mock.ca_file.to_str().unwrap();
-    let args = [
-        &[
-            "login",
-            "--server",
-            &url,
-            "--profile",
-            profile,
-            "--ca-cert",
-            ca,
-            "--no-verify",
-            "--password-stdin",
-        ][..],
-        extra,
-    ]
-    .concat();
-    let stored = run(config, &args, Some(secret)).await;
+    let args = [&["--no-verify"][..], extra].concat();
+    let stored = login_at(config, mock, profile, &args, secret).await;
     assert_eq!(stored.code, Some(0), "{}", stored.stderr);
 }
 

@@ -197,7 +197,7 @@ mod binary {
     use std::path::Path;
 
     use super::common;
-    use common::binary::{Serving, require_secret_service, run, unique_profile};
+    use common::binary::{Serving, login_at, require_secret_service, run, unique_profile};
     use common::mock::Mock;
     use common::pki::{ClientCa, ClientCert, Validity};
     use http::StatusCode;
@@ -212,24 +212,8 @@ mod binary {
         extra: &[&str],
         stdin: &str,
     ) -> common::binary::Outcome {
-        let url = mock.url();
-        let args = [
-            &[
-                "login",
-                "--server",
-                &url,
-                "--profile",
-                profile,
-                "--ca-cert",
-                mock.ca_file.to_str().unwrap(),
-                "--client-cert",
-                cert.to_str().unwrap(),
-                "--password-stdin",
-            ][..],
-            extra,
-        ]
-        .concat();
-        run(config, &args, Some(stdin)).await
+        let cert = ["--client-cert", cert.to_str().unwrap()];
+        login_at(config, mock, profile, &[&cert[..], extra].concat(), stdin).await
     }
 
     /// Every file under `dir` that contains `needle`.
@@ -450,22 +434,12 @@ mod binary {
             assert!(!config.exists(), "{case}: nothing is stored");
         }
         // No certificate for a server that wants one.
-        let url = mock.url();
-        let bare = run(
+        let bare = login_at(
             &config,
-            &[
-                "login",
-                "--server",
-                &url,
-                "--username",
-                &mock.username,
-                "--profile",
-                &profile,
-                "--ca-cert",
-                mock.ca_file.to_str().unwrap(),
-                "--password-stdin",
-            ],
-            Some(&stdin),
+            &mock,
+            &profile,
+            &["--username", &mock.username],
+            &stdin,
         )
         .await;
         assert_eq!(bare.code, Some(1));

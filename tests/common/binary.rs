@@ -70,6 +70,30 @@ pub async fn run(config: &Path, args: &[&str], stdin: Option<&str>) -> Outcome {
     finish(command(config, args), stdin).await
 }
 
+/// `credproxy login` for `profile` at `mock` (its URL, trusting its CA, the secrets one per
+/// line from `stdin`) with `extra` arguments.
+pub async fn login_at(
+    config: &Path,
+    mock: &super::mock::Mock,
+    profile: &str,
+    extra: &[&str],
+    stdin: &str,
+) -> Outcome {
+    let url = mock.url();
+    let ca = mock.ca_file.to_str().unwrap();
+    let base = [
+        "login",
+        "--server",
+        &url,
+        "--profile",
+        profile,
+        "--ca-cert",
+        ca,
+        "--password-stdin",
+    ];
+    run(config, &[&base[..], extra].concat(), Some(stdin)).await
+}
+
 /// Runs a command line as a shell would (`sh -c`), with the binary first on `PATH`: what a
 /// user does with a command credproxy printed.
 pub async fn run_shell(config: &Path, line: &str, stdin: Option<&str>) -> Outcome {
