@@ -18,6 +18,7 @@ use tokio_rustls::client::TlsStream;
 use crate::config::ServerUrl;
 use crate::credentials::Injection;
 use crate::proxy::gate::{self, Verdict};
+use crate::upstream::{self, CertificateRequest, Failure, HandshakeWitness};
 
 /// The Immich endpoint that answers `{"res":"pong"}` without Immich authentication.
 pub const PING_PATH: &str = "/api/server/ping";
@@ -152,34 +153,32 @@ impl Checker {
         self
     }
 
-    /// The error for a TLS failure: a client-certificate refusal when the server's alert says
-    /// so, else a TLS error with rustls' words.
-    fn tls_error(&self, err: &(dyn std::error::Error + 'static)) -> CheckError {
-        let mut cur = Some(err);
-        while let Some(e) = cur {
-            if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-                if let Some(what) = crate::upstream::client_certificate_refusal(tls) {
-                    return CheckError::ClientCertificate {
-                        server: self.server.to_string(),
-                        what,
-                        fix: self.certificate_fix.clone(),
-                    };
-                }
-                return CheckError::Tls {
-                    server: self.server.to_string(),
-                    detail: tls.to_string(),
-                };
-            }
-            cur = match e.downcast_ref::<std::io::Error>() {
-                Some(io) => io
-                    .get_ref()
-                    .map(|inner| inner as &(dyn std::error::Error + 'static)),
-                None => e.source(),
-            };
-        }
-        CheckError::Tls {
-            server: self.server.to_string(),
-            detail: err.to_string(),
+    /// The error for a failed handshake (`in_http` false) or exchange over the connection
+    /// whose handshake saw `certificate`, named by [`upstream::describe_failure`]: a
+    /// client-certificate refusal whenever the server's alert, or its dropping the connection
+    /// after asking for one, says so.
+    fn failed(
+        &self,
+        err: &(dyn std::error::Error + 'static),
+        certificate: CertificateRequest,
+        in_http: bool,
+    ) -> CheckError {
+        let server = self.server.to_string();
+        match upstream::describe_failure(err, Some(certificate)) {
+            Failure::ClientCertificate(what) => CheckError::ClientCertificate {
+                server,
+                what,
+                fix: self.certificate_fix.clone(),
+            },
+            Failure::Tls(detail) => CheckError::Tls { server, detail },
+            _ if in_http => CheckError::Http {
+                server,
+                detail: err.to_string(),
+            },
+            _ => CheckError::Tls {
+                server,
+                detail: err.to_string(),
+            },
         }
     }
 
@@ -243,19 +242,24 @@ impl Checker {
         .await
     }
 
-    /// Performs the TLS handshake, verifying the certificate against the configured trust.
-    pub async fn handshake(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, CheckError> {
+    /// Performs the TLS handshake, verifying the certificate against the configured trust;
+    /// says what the handshake saw of client authentication.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(TlsStream<TcpStream>, CertificateRequest), CheckError> {
         let name =
             ServerName::try_from(self.server.host().to_owned()).map_err(|e| CheckError::Tls {
                 server: self.server.to_string(),
                 detail: e.to_string(),
             })?;
-        let connector = TlsConnector::from(self.tls.clone());
+        let (config, witness) = HandshakeWitness::watch(&self.tls);
+        let connector = TlsConnector::from(Arc::new(config));
         self.step("TLS handshake", async {
-            connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| self.tls_error(&e))
+            match connector.connect(name, tcp).await {
+                Ok(tls) => Ok((tls, witness.request())),
+                Err(err) => Err(self.failed(&err, witness.request(), false)),
+            }
         })
         .await
     }
@@ -264,7 +268,7 @@ impl Checker {
     pub async fn certificates(&self) -> Result<Vec<CertSummary>, CheckError> {
         let addrs = self.resolve().await?;
         let tcp = self.connect(&addrs).await?;
-        let tls = self.handshake(tcp).await?;
+        let (tls, _) = self.handshake(tcp).await?;
         Ok(tls
             .get_ref()
             .1
@@ -295,7 +299,7 @@ impl Checker {
             tls: Arc::new(config),
             ..self.clone()
         };
-        let tls = checker.handshake(tcp).await?;
+        let (tls, _) = checker.handshake(tcp).await?;
         tls.get_ref()
             .1
             .peer_certificates()
@@ -334,16 +338,10 @@ impl Checker {
     ) -> Result<CheckResponse, CheckError> {
         let addrs = self.resolve().await?;
         let tcp = self.connect(&addrs).await?;
-        let tls = self.handshake(tcp).await?;
+        let (tls, certificate) = self.handshake(tcp).await?;
         // A TLS 1.3 server judges the client certificate after the handshake: its alert
-        // arrives with the first read.
-        let http_err = |e: &(dyn std::error::Error + 'static)| match self.tls_error(e) {
-            refusal @ CheckError::ClientCertificate { .. } => refusal,
-            _ => CheckError::Http {
-                server: self.server.to_string(),
-                detail: e.to_string(),
-            },
-        };
+        // arrives with the first read, or it drops the connection without one.
+        let http_err = |e: &(dyn std::error::Error + 'static)| self.failed(e, certificate, true);
         self.step("HTTP request", async {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
                 .await

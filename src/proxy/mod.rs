@@ -34,7 +34,7 @@ pub use self::stats::Stats;
 use crate::config::{Profile, ServerUrl};
 use crate::credentials::{ClientIdentity, Scheme, Secret, SecretSource};
 use crate::error::Result;
-use crate::upstream::{self, ClientOptions, FailureKind, Pool, SendError, TlsTrust, WeakPool};
+use crate::upstream::{self, ClientOptions, Failure, Pool, SendError, TlsTrust, WeakPool};
 
 /// The upstream connection of one client connection (see [`upstream::Lane`]).
 pub type Lane = upstream::Lane<Tracked<Incoming>>;
@@ -270,7 +270,7 @@ impl Proxy {
 fn pool_of(inner: &Inner, shards: usize) -> Pool<Tracked<Incoming>> {
     let options = &inner.settings.client;
     let pool = Pool::new(
-        upstream::connector(inner.tls.clone(), options),
+        upstream::Connector::new(inner.tls.clone(), options),
         upstream::origin(inner.target.authority()),
         options.pool_idle_timeout,
         options.pool_max_idle.div_ceil(shards.max(1)),
@@ -335,7 +335,7 @@ impl Inner {
         let read = body.collect();
         let page = match tokio::time::timeout(self.settings.idle_timeout, read).await {
             Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(err)) => return self.upstream_failure(&exchange, &SendError::Http(err)),
+            Ok(Err(err)) => return self.upstream_failure(&exchange, &SendError::new(err, None)),
             Err(_) => {
                 self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 let message = format!(
@@ -438,22 +438,21 @@ impl Inner {
 
     fn upstream_failure(&self, exchange: &Exchange, err: &SendError) -> Response<ResponseBody> {
         self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-        let (kind, detail) = upstream::describe_failure(err.as_error());
         let server = &self.settings.server;
-        let (status, code, message, fix) = match kind {
-            FailureKind::Dns => (
+        let (status, code, message, fix) = match err.failure() {
+            Failure::Dns(detail) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_dns",
                 format!("cannot resolve {}: {detail}", server.host()),
                 "check the server name and this machine's DNS".to_owned(),
             ),
-            FailureKind::Connect => (
+            Failure::Connect(detail) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_unreachable",
                 format!("cannot connect to {server}: {detail}"),
                 "check that the server is up and reachable from this machine".to_owned(),
             ),
-            FailureKind::Tls => (
+            Failure::Tls(detail) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_tls",
                 format!("TLS with {server} failed: {detail}"),
@@ -462,14 +461,16 @@ impl Inner {
                     self.settings.fix
                 ),
             ),
-            FailureKind::ClientCertificate => return self.certificate_refused(exchange, &detail),
-            FailureKind::Timeout => (
+            Failure::ClientCertificate(refusal) => {
+                return self.certificate_refused(exchange, refusal);
+            }
+            Failure::Timeout(detail) => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 format!("{server} did not answer in time: {detail}"),
                 "check that the server is up and reachable from this machine".to_owned(),
             ),
-            FailureKind::Other => (
+            Failure::Other(detail) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 format!("the request to {server} failed: {detail}"),

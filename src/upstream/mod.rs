@@ -3,7 +3,7 @@
 //!
 //! Owns: [`TlsTrust`] (roots, CA, pins) and the rustls configuration; the connector (our own
 //! name lookup, TCP, TLS via hyper-rustls); [`Pool`]/[`Lane`], upstream HTTP/1.1 connections
-//! driven on the client connection's task; [`FailureKind`].
+//! driven on the client connection's task; [`Failure`], what an error says went wrong.
 
 mod pool;
 mod tls;
@@ -16,13 +16,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_rustls::HttpsConnector;
+use http::Uri;
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
+use tokio::net::TcpStream;
 
 pub use self::pool::{BoxError, Lane, Pool, SendError, UpstreamBody, WeakPool, origin};
-pub use self::tls::{ClientAuth, TlsTrust, spki_sha256};
+pub use self::tls::{CertificateRequest, ClientAuth, HandshakeWitness, TlsTrust, spki_sha256};
 
 /// Timeouts and pool settings for the upstream client.
 #[derive(Debug, Clone)]
@@ -45,22 +48,46 @@ impl Default for ClientOptions {
     }
 }
 
-/// The connector the pool opens upstream connections with.
-pub type Connector = HttpsConnector<HttpConnector<Resolver>>;
+/// Opens upstream connections: our own name lookup, TCP with no delay and keep-alive, then
+/// TLS (hyper-rustls), each handshake watched by a [`HandshakeWitness`] of its own.
+#[derive(Clone)]
+pub struct Connector {
+    tls: Arc<ClientConfig>,
+    tcp: HttpConnector<Resolver>,
+}
 
-/// The HTTPS-only connector (our own name lookup, TCP with no delay and keep-alive, then
-/// TLS) over a TLS configuration; hyper-rustls sets ALPN from the enabled protocols.
-pub fn connector(tls: Arc<ClientConfig>, options: &ClientOptions) -> Connector {
-    let mut http = HttpConnector::new_with_resolver(Resolver);
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(options.connect_timeout));
-    http.set_keepalive(Some(Duration::from_secs(30)));
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(Arc::unwrap_or_clone(tls))
-        .https_only()
-        .enable_http1()
-        .wrap_connector(http)
+/// An upstream connection as the connector makes it (always TLS: the connector is HTTPS only).
+pub type Connection = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+impl Connector {
+    /// A connector over a TLS configuration (no ALPN set: HTTP/1.1 only).
+    pub fn new(tls: Arc<ClientConfig>, options: &ClientOptions) -> Self {
+        let mut tcp = HttpConnector::new_with_resolver(Resolver);
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(options.connect_timeout));
+        tcp.set_keepalive(Some(Duration::from_secs(30)));
+        Self { tls, tcp }
+    }
+
+    /// Connects to `origin` (`https://host:port`); says what the handshake saw of client
+    /// authentication, also when it failed.
+    pub async fn connect(
+        &self,
+        origin: Uri,
+    ) -> Result<(Connection, CertificateRequest), (BoxError, CertificateRequest)> {
+        // A configuration per connection: its witness sees this handshake only.
+        let (config, witness) = HandshakeWitness::watch(&self.tls);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(self.tcp.clone());
+        match tower_service::Service::call(&mut { https }, origin).await {
+            Ok(io) => Ok((io, witness.request())),
+            Err(err) => Err((err, witness.request())),
+        }
+    }
 }
 
 /// The upstream's host name did not resolve.
@@ -114,51 +141,59 @@ impl tower_service::Service<Name> for Resolver {
     }
 }
 
-/// Broad kinds of upstream failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The host name did not resolve.
-    Dns,
+/// Why an exchange with the upstream failed, named by the types in the error chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The host name did not resolve: the resolver's words.
+    Dns(String),
     /// No TCP connection could be made.
-    Connect,
-    /// The TLS handshake failed (often: certificate not trusted).
-    Tls,
-    /// The server refused the client certificate, or wanted one and got none.
-    ClientCertificate,
+    Connect(String),
+    /// The TLS handshake failed (often: certificate not trusted): rustls' words.
+    Tls(String),
+    /// The server refused the client certificate, or wanted one and got none: what it did,
+    /// in words that follow the server's name.
+    ClientCertificate(&'static str),
     /// Something took longer than its timeout.
-    Timeout,
-    /// Anything else (connection reset, protocol error).
-    Other,
+    Timeout(String),
+    /// Anything else (connection reset, protocol error): the most specific message.
+    Other(String),
 }
 
-/// Names the kind of failure behind an upstream error, by the types in its chain, and the
-/// most specific message in it.
-pub fn describe_failure(err: &(dyn std::error::Error + 'static)) -> (FailureKind, String) {
-    let mut kind = FailureKind::Other;
+/// Names the failure behind an upstream error. The one walk of the error chain (hyper's
+/// error, the io::Error it carries, the rustls error inside that, the connector's DNS
+/// error) for the proxy and the checks alike.
+///
+/// `certificate` is what the handshake of the connection the exchange used saw, when it
+/// was made for this exchange. A server that asked for a client certificate and then
+/// closed the connection without a TLS alert (Python's asyncio TLS servers do; the
+/// alert can also be lost to a reset) refused it, or wanted one: that is said, whatever
+/// the transport error.
+pub fn describe_failure(
+    err: &(dyn std::error::Error + 'static),
+    certificate: Option<CertificateRequest>,
+) -> Failure {
+    let mut timed_out = false;
+    let mut unreachable = false;
     let mut detail = err.to_string();
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return match client_certificate_refusal(tls) {
-                Some(refusal) => (FailureKind::ClientCertificate, refusal.to_owned()),
-                None => (FailureKind::Tls, tls.to_string()),
+                Some(refusal) => Failure::ClientCertificate(refusal),
+                None => Failure::Tls(tls.to_string()),
             };
         }
         if let Some(dns) = e.downcast_ref::<DnsError>() {
-            return (FailureKind::Dns, dns.detail.clone());
+            return Failure::Dns(dns.detail.clone());
         }
         detail = e.to_string();
         if let Some(io) = e.downcast_ref::<io::Error>() {
             match io.kind() {
-                io::ErrorKind::TimedOut => kind = FailureKind::Timeout,
+                io::ErrorKind::TimedOut => timed_out = true,
                 io::ErrorKind::ConnectionRefused
                 | io::ErrorKind::HostUnreachable
                 | io::ErrorKind::NetworkUnreachable
-                | io::ErrorKind::AddrNotAvailable
-                    if kind == FailureKind::Other =>
-                {
-                    kind = FailureKind::Connect;
-                }
+                | io::ErrorKind::AddrNotAvailable => unreachable = true,
                 _ => {}
             }
             // An io::Error's source() skips the error it wraps; its get_ref() does not.
@@ -169,7 +204,21 @@ pub fn describe_failure(err: &(dyn std::error::Error + 'static)) -> (FailureKind
         }
         cur = e.source();
     }
-    (kind, detail)
+    if timed_out {
+        return Failure::Timeout(detail);
+    }
+    if unreachable {
+        return Failure::Connect(detail);
+    }
+    match certificate {
+        Some(CertificateRequest::NoneSent) => Failure::ClientCertificate(
+            "asks for a client certificate and none was sent (it closed the connection without a TLS alert)",
+        ),
+        Some(CertificateRequest::Sent) => Failure::ClientCertificate(
+            "asked for a client certificate and closed the connection without a TLS alert once it had the certificate: it does not accept it (not issued by a CA it trusts, expired or revoked; its log says which)",
+        ),
+        _ => Failure::Other(detail),
+    }
 }
 
 /// What a TLS alert from the server says about the client certificate (in words that follow
@@ -224,30 +273,75 @@ mod tests {
             detail: "failed to lookup address information".into(),
         }));
         assert_eq!(
-            describe_failure(&dns),
-            (
-                FailureKind::Dns,
-                "failed to lookup address information".to_owned()
-            )
+            describe_failure(&dns, None),
+            Failure::Dns("failed to lookup address information".to_owned())
         );
         let refused = Outer(Box::new(io::Error::from(io::ErrorKind::ConnectionRefused)));
-        assert_eq!(describe_failure(&refused).0, FailureKind::Connect);
+        assert!(matches!(
+            describe_failure(&refused, None),
+            Failure::Connect(_)
+        ));
         let slow = Outer(Box::new(io::Error::new(
             io::ErrorKind::TimedOut,
             "connect timeout",
         )));
         assert_eq!(
-            describe_failure(&slow),
-            (FailureKind::Timeout, "connect timeout".to_owned())
+            describe_failure(&slow, None),
+            Failure::Timeout("connect timeout".to_owned())
         );
         let tls = Outer(Box::new(io::Error::new(
             io::ErrorKind::InvalidData,
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
         )));
-        assert_eq!(describe_failure(&tls).0, FailureKind::Tls);
+        assert!(matches!(describe_failure(&tls, None), Failure::Tls(_)));
         // A message that merely mentions DNS is not a DNS failure.
         let text = Outer("dns error".into());
-        assert_eq!(describe_failure(&text).0, FailureKind::Other);
+        assert_eq!(
+            describe_failure(&text, None),
+            Failure::Other("dns error".to_owned())
+        );
+    }
+
+    #[test]
+    fn an_alert_after_the_handshake_is_found_through_hyper_and_io() {
+        let alert = Outer(Box::new(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+        )));
+        let Failure::ClientCertificate(what) = describe_failure(&alert, None) else {
+            panic!("not a certificate refusal");
+        };
+        assert!(what.contains("certificate_required"), "{what}");
+    }
+
+    #[test]
+    fn a_connection_dropped_after_a_certificate_request_is_a_refusal() {
+        let reset = || Outer(Box::new(io::Error::from(io::ErrorKind::ConnectionReset)));
+        let Failure::ClientCertificate(none) =
+            describe_failure(&reset(), Some(CertificateRequest::NoneSent))
+        else {
+            panic!("not a certificate refusal");
+        };
+        assert!(none.contains("none was sent"), "{none}");
+        let Failure::ClientCertificate(sent) =
+            describe_failure(&reset(), Some(CertificateRequest::Sent))
+        else {
+            panic!("not a certificate refusal");
+        };
+        assert!(sent.contains("does not accept it"), "{sent}");
+        // Not asked, or not known (a connection reused from earlier): only the reset.
+        for certificate in [None, Some(CertificateRequest::NotAsked)] {
+            assert!(matches!(
+                describe_failure(&reset(), certificate),
+                Failure::Other(_)
+            ));
+        }
+        // A timeout stays a timeout whatever the handshake saw.
+        let slow = Outer(Box::new(io::Error::from(io::ErrorKind::TimedOut)));
+        assert!(matches!(
+            describe_failure(&slow, Some(CertificateRequest::NoneSent)),
+            Failure::Timeout(_)
+        ));
     }
 
     #[tokio::test]

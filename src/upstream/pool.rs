@@ -23,9 +23,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tower_service::Service as _;
 
-use super::Connector;
+use super::{CertificateRequest, Connector, Failure};
 use crate::sync::lock;
 
 /// The error type of the bodies and connections of the upstream client.
@@ -48,26 +47,31 @@ type Conn = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 
 /// Why a request did not get an answer from the upstream.
 #[derive(Debug)]
-pub enum SendError {
-    /// No connection could be made (DNS, TCP, TLS).
-    Connect(BoxError),
-    /// The connection failed while sending the request or reading the answer.
-    Http(hyper::Error),
+pub struct SendError {
+    error: BoxError,
+    /// What the handshake of the connection saw, when it was made for this request.
+    certificate: Option<CertificateRequest>,
 }
 
 impl SendError {
-    /// The underlying error, for [`super::describe_failure`].
-    pub fn as_error(&self) -> &(dyn std::error::Error + 'static) {
-        match self {
-            Self::Connect(err) => &**err,
-            Self::Http(err) => err,
+    /// A failure of `error`, on a connection whose handshake saw `certificate` (when it was
+    /// made for this request; `None` for a reused one).
+    pub fn new(error: impl Into<BoxError>, certificate: Option<CertificateRequest>) -> Self {
+        Self {
+            error: error.into(),
+            certificate,
         }
+    }
+
+    /// What went wrong, named (see [`super::describe_failure`]).
+    pub fn failure(&self) -> Failure {
+        super::describe_failure(&*self.error, self.certificate)
     }
 }
 
 impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(self.as_error(), f)
+        std::fmt::Display::fmt(&self.error, f)
     }
 }
 
@@ -171,19 +175,19 @@ impl<B: UpstreamBody> PoolInner<B> {
         }
     }
 
-    /// Opens a new connection (TCP, TLS) and starts HTTP/1.1 on it.
-    async fn connect(&self) -> Result<(Sender<B>, Conn), SendError> {
-        let io = self
+    /// Opens a new connection (TCP, TLS) and starts HTTP/1.1 on it; says what its handshake
+    /// saw of client authentication.
+    async fn connect(&self) -> Result<(Sender<B>, Conn, CertificateRequest), SendError> {
+        let (io, certificate) = self
             .connector
-            .clone()
-            .call(self.origin.clone())
+            .connect(self.origin.clone())
             .await
-            .map_err(SendError::Connect)?;
+            .map_err(|(err, certificate)| SendError::new(err, Some(certificate)))?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(SendError::Http)?;
-        Ok((sender, Box::pin(conn.with_upgrades())))
+            .map_err(|err| SendError::new(err, Some(certificate)))?;
+        Ok((sender, Box::pin(conn.with_upgrades()), certificate))
     }
 
     fn park(self: &Arc<Self>, sender: Sender<B>, conn: Conn) {
@@ -275,24 +279,25 @@ impl<B: UpstreamBody> Lane<B> {
     pub async fn send(&self, req: Request<B>) -> Result<Response<Incoming>, SendError> {
         let mut req = origin_form(req);
         loop {
-            let (mut sender, reused) = match self.take_sender() {
-                Some(sender) => (sender, true),
+            // A fresh connection's handshake record, for naming a failure of its first request.
+            let (mut sender, fresh) = match self.take_sender() {
+                Some(sender) => (sender, None),
                 None => match self.pool.take_idle() {
-                    Some((sender, conn)) => (self.install(sender, conn), true),
+                    Some((sender, conn)) => (self.install(sender, conn), None),
                     None => {
                         // Boxed: a rare path that would otherwise make every request's
                         // future (moved a few times per request) larger.
-                        let (sender, conn) = Box::pin(self.pool.connect()).await?;
-                        (self.install(sender, conn), false)
+                        let (sender, conn, certificate) = Box::pin(self.pool.connect()).await?;
+                        (self.install(sender, conn), Some(certificate))
                     }
                 },
             };
             if let Err(err) = sender.ready().await {
                 self.close();
-                if reused {
+                if fresh.is_none() {
                     continue;
                 }
-                return Err(SendError::Http(err));
+                return Err(SendError::new(err, fresh));
             }
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -306,8 +311,8 @@ impl<B: UpstreamBody> Lane<B> {
                     self.close();
                     match err.take_message() {
                         // Not written: the connection had closed. Another one gets it.
-                        Some(back) if reused => req = back,
-                        _ => return Err(SendError::Http(err.into_error())),
+                        Some(back) if fresh.is_none() => req = back,
+                        _ => return Err(SendError::new(err.into_error(), fresh)),
                     }
                 }
             }

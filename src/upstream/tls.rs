@@ -203,6 +203,71 @@ impl ResolvesClientCert for ClientAuth {
     }
 }
 
+/// What happened to client authentication in one connection's handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateRequest {
+    /// The server did not ask for a client certificate.
+    NotAsked,
+    /// The server asked and none was sent (the profile has none).
+    NoneSent,
+    /// The server asked and the profile's certificate was sent.
+    Sent,
+}
+
+/// Watches the handshake of one connection: whether the server asked for a client
+/// certificate and whether one was sent. A server that drops the connection after the
+/// handshake without a TLS alert (Python's asyncio TLS servers do) leaves nothing else to
+/// say why.
+#[derive(Debug)]
+pub struct HandshakeWitness {
+    inner: Arc<dyn ResolvesClientCert>,
+    asked: AtomicBool,
+    sent: AtomicBool,
+}
+
+impl HandshakeWitness {
+    /// A copy of `config` for one connection, whose handshake the returned witness watches.
+    pub fn watch(config: &ClientConfig) -> (ClientConfig, Arc<Self>) {
+        let witness = Arc::new(Self {
+            inner: config.client_auth_cert_resolver.clone(),
+            asked: AtomicBool::new(false),
+            sent: AtomicBool::new(false),
+        });
+        let mut config = config.clone();
+        config.client_auth_cert_resolver = witness.clone();
+        (config, witness)
+    }
+
+    /// What the handshake saw so far (complete once it finished).
+    pub fn request(&self) -> CertificateRequest {
+        match (
+            self.asked.load(Ordering::Relaxed),
+            self.sent.load(Ordering::Relaxed),
+        ) {
+            (false, _) => CertificateRequest::NotAsked,
+            (true, false) => CertificateRequest::NoneSent,
+            (true, true) => CertificateRequest::Sent,
+        }
+    }
+}
+
+impl ResolvesClientCert for HandshakeWitness {
+    fn resolve(
+        &self,
+        root_hint_subjects: &[&[u8]],
+        sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let key = self.inner.resolve(root_hint_subjects, sigschemes);
+        self.asked.store(true, Ordering::Relaxed);
+        self.sent.store(key.is_some(), Ordering::Relaxed);
+        key
+    }
+
+    fn has_certs(&self) -> bool {
+        self.inner.has_certs()
+    }
+}
+
 /// The SHA-256 hash of a certificate's SubjectPublicKeyInfo.
 pub fn spki_sha256(cert: &CertificateDer<'_>) -> Option<[u8; 32]> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
