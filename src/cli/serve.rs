@@ -133,6 +133,7 @@ pub async fn run(
         tasks.spawn(crate::ops::admin::run(
             listener,
             sites,
+            crate::ops::admin::AdminOptions::default(),
             stop.clone().cancelled_owned(),
         ));
     }
