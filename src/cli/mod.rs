@@ -41,7 +41,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Login(args) => login::run(&config, keyring, args).await,
         Command::Serve(args) => serve::run(&config, keyring, args).await,
         Command::Logout(args) => logout::run(&config, keyring, &args.profile).await,
-        Command::Profiles => profiles::run(&config),
+        Command::Profiles(args) => profiles::run(&config, keyring, args).await,
         Command::Doctor(args) => doctor::run(&config, keyring, &args.profile).await,
         Command::Demo(args) => demo::run(&args.listen, args.keep_running).await,
         Command::Service(args) => service::run(&config, args.action),
