@@ -82,7 +82,17 @@ pub fn init_logging(cli: &Cli) {
                 .parse::<Targets>()
                 .expect("the default filter is a valid level")
         });
+    // The builder stops at `info` unless told otherwise, under the filter: the most verbose
+    // level the filter lets through is the limit (no more, or every disabled `debug!` and
+    // `log` record of a dependency would be built and then refused).
+    let most = filter
+        .iter()
+        .map(|(_, level)| level)
+        .chain(filter.default_level())
+        .max()
+        .unwrap_or(tracing::level_filters::LevelFilter::OFF);
     tracing_subscriber::fmt()
+        .with_max_level(most)
         .with_writer(crate::ops::logging::Stderr)
         // Colour escapes only for a terminal, never in log files.
         .with_ansi(std::io::stderr().is_terminal())
