@@ -443,6 +443,19 @@ impl ConfigStore {
         &self.path
     }
 
+    /// `credproxy ARGS` for this file, ready to paste into a shell: with `--config FILE` unless
+    /// it is the default one.
+    pub fn command(&self, args: &str) -> String {
+        let mut words = vec!["credproxy".to_owned()];
+        if self.explicit {
+            let file = std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone());
+            words.push("--config".to_owned());
+            words.push(shell_word(file.to_string_lossy()).into_owned());
+        }
+        words.push(args.to_owned());
+        words.join(" ")
+    }
+
     /// The `credproxy login` command that re-creates `profile` in this file (see
     /// [`Profile::login_command`]); it names the file unless it is the default one.
     pub fn login_command(&self, profile: &Profile) -> String {
@@ -483,43 +496,98 @@ impl ConfigStore {
         Profile::from_entry(name, entry)
     }
 
-    /// Writes the file atomically (temporary file, then rename), readable by the owner only.
-    pub fn save(&self, file: &ConfigFile) -> Result<()> {
+    /// Reads the file, lets `change` alter it and writes it back, as one step that no other
+    /// credproxy process interleaves with: two `login`s (or a `login` and a `logout`) of
+    /// different profiles at once both land. Nothing is written when `change` fails or leaves
+    /// the file as it was.
+    ///
+    /// The lock is taken on a file beside the config (`.NAME.lock`, left in place: removing it
+    /// would let a third process lock a new one while a second still holds the old). The
+    /// config itself cannot carry it, as each write replaces it by rename. Readers need no
+    /// lock: the rename shows them the old file or the new one, whole. Waits (blocking the
+    /// thread) while another process holds the lock, which it does for milliseconds.
+    pub fn update<T>(&self, change: impl FnOnce(&mut ConfigFile) -> Result<T>) -> Result<T> {
         let write_err = |source| Error::ConfigWrite {
             path: self.path.clone(),
             source,
         };
-        let text = toml::to_string_pretty(file)
-            .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
-        let dir = match self.path.parent() {
+        let dir = self.dir();
+        create_private_dir(&dir).map_err(write_err)?;
+        let lock = self.lock_file(&dir).map_err(write_err)?;
+        lock.lock().map_err(write_err)?;
+        let mut file = self.load()?;
+        let before = file.clone();
+        let value = change(&mut file)?;
+        if file != before {
+            self.replace(&dir, &file).map_err(write_err)?;
+        }
+        // Closing the lock file releases the lock.
+        drop(lock);
+        Ok(value)
+    }
+
+    /// The directory the file is in.
+    fn dir(&self) -> PathBuf {
+        match self.path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
             _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&dir).map_err(write_err)?;
-        let tmp = dir.join(format!(
-            ".{}.tmp{}",
-            self.path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "config".into()),
-            std::process::id()
-        ));
-        let result = (|| {
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut out = options.open(&tmp)?;
-            out.write_all(b"# credproxy settings; secrets live in the OS keyring, never here.\n")?;
-            out.write_all(text.as_bytes())?;
-            out.sync_all()?;
-            std::fs::rename(&tmp, &self.path)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
         }
-        result.map_err(write_err)
     }
+
+    fn file_name(&self) -> String {
+        self.path
+            .file_name()
+            .map_or_else(|| "config".into(), |n| n.to_string_lossy().into_owned())
+    }
+
+    /// Opens (creating it, owner-only) the lock file beside the config; never through a
+    /// symbolic link, which could point anywhere.
+    fn lock_file(&self, dir: &Path) -> std::io::Result<std::fs::File> {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+        }
+        options.open(dir.join(format!(".{}.lock", self.file_name())))
+    }
+
+    /// Replaces the file with `file`: written to a temporary file that is created anew in the
+    /// same directory (an unpredictable name, opened exclusively: nothing planted there
+    /// beforehand is written through), readable by the owner only, synced, then renamed over
+    /// the old file, whatever that file's mode was.
+    fn replace(&self, dir: &Path, file: &ConfigFile) -> std::io::Result<()> {
+        let text =
+            toml::to_string_pretty(file).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}.", self.file_name()))
+            .suffix(".tmp")
+            .tempfile_in(dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            // tempfile creates it 0600 already; a umask cannot have widened that, this makes
+            // the rule plain.
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        tmp.write_all(b"# credproxy settings; secrets live in the OS keyring, never here.\n")?;
+        tmp.write_all(text.as_bytes())?;
+        tmp.as_file().sync_all()?;
+        // On failure the temporary file is removed when `tmp` drops.
+        tmp.persist(&self.path).map_err(|e| e.error)?;
+        Ok(())
+    }
+}
+
+/// Creates `dir` and its missing parents, the new ones private to the owner (mode 0700).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
 
 #[cfg(test)]
@@ -598,9 +666,12 @@ mod tests {
             allow_hosts: vec!["photos.lan".into()],
             client_cert: None,
         };
-        let mut file = ConfigFile::default();
-        file.profiles.insert("work".into(), profile.to_entry());
-        store.save(&file).unwrap();
+        store
+            .update(|file| {
+                file.profiles.insert("work".into(), profile.to_entry());
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(store.profile("work").unwrap(), profile);
         assert!(matches!(
             store.profile("home"),
@@ -608,6 +679,122 @@ mod tests {
         ));
         std::fs::write(store.path(), "profiles = 3").unwrap();
         assert!(matches!(store.load(), Err(Error::ConfigParse { .. })));
+    }
+
+    fn entry(server: &str) -> ProfileEntry {
+        let mut entry = profile(Scheme::Basic, "svc").to_entry();
+        entry.server = server.to_owned();
+        entry
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_rewritten_config_is_owner_only_even_when_it_was_readable_by_others() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConfigStore::locate(Some(dir.path().join("config.toml"))).unwrap();
+        std::fs::write(
+            store.path(),
+            "[profiles.home]\nserver = \"https://immich.example.com\"\nusername = \"svc\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        store
+            .update(|file| {
+                file.profiles
+                    .insert("work".into(), entry("https://photos.example.com"));
+                Ok(())
+            })
+            .unwrap();
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        let file = store.load().unwrap();
+        assert_eq!(
+            file.profiles.keys().collect::<Vec<_>>(),
+            ["home", "work"],
+            "the profile already there is kept"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn nothing_planted_beside_the_config_is_written_through() {
+        // A link planted where a predictable temporary name would be (this process's id) must
+        // not lead the write to another file.
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConfigStore::locate(Some(dir.path().join("config.toml"))).unwrap();
+        let victim = dir.path().join("victim.txt");
+        std::fs::write(&victim, "keep me").unwrap();
+        for name in [
+            format!(".config.toml.tmp{}", std::process::id()),
+            ".config.toml.lock".to_owned(),
+        ] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
+        }
+        let written = store.update(|file| {
+            file.profiles
+                .insert("home".into(), entry("https://immich.example.com"));
+            Ok(())
+        });
+        // A planted lock link is refused rather than followed; either way the victim stays.
+        assert!(written.is_err(), "the planted lock file was followed");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        std::fs::remove_file(dir.path().join(".config.toml.lock")).unwrap();
+        store
+            .update(|file| {
+                file.profiles
+                    .insert("home".into(), entry("https://immich.example.com"));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        let meta = std::fs::symlink_metadata(store.path()).unwrap();
+        assert!(meta.file_type().is_file(), "{meta:?}");
+        assert!(store.profile("home").is_ok());
+    }
+
+    #[test]
+    fn an_update_that_fails_or_changes_nothing_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConfigStore::locate(Some(dir.path().join("config.toml"))).unwrap();
+        let unchanged = store.update(|file| Ok(file.profiles.remove("home").is_some()));
+        assert!(!unchanged.unwrap());
+        assert!(!store.path().exists());
+        let failed: Result<()> = store.update(|file| {
+            file.profiles
+                .insert("home".into(), entry("https://immich.example.com"));
+            Err(Error::NoConfigDir)
+        });
+        assert!(failed.is_err());
+        assert!(!store.path().exists());
+    }
+
+    #[test]
+    fn concurrent_updates_of_different_profiles_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let store = ConfigStore::locate(Some(path.clone())).unwrap();
+                std::thread::spawn(move || {
+                    store
+                        .update(|file| {
+                            file.profiles
+                                .insert(format!("p{i}"), entry("https://immich.example.com"));
+                            Ok(())
+                        })
+                        .unwrap();
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let store = ConfigStore::locate(Some(path)).unwrap();
+        assert_eq!(store.load().unwrap().profiles.len(), 16);
     }
 
     fn profile(auth: Scheme, username: &str) -> Profile {

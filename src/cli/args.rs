@@ -28,8 +28,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Remove a profile and its keyring entry.
     Logout(ProfileArgs),
-    /// List profiles (server, username, listen address); never secrets.
-    Profiles,
+    /// List profiles (server, username, listen address), never secrets; or print one
+    /// profile's local URL with its local credential (--show-token).
+    Profiles(ProfilesArgs),
     /// Check every step from config and keyring to TLS, the gate, Immich and websockets.
     Doctor(ProfileArgs),
     /// Show the proxy working against a built-in local stand-in for an Authentik-gated Immich.
@@ -101,7 +102,8 @@ pub struct ServeArgs {
     /// Allow a non-loopback listen address: anyone who can reach it acts with your credentials.
     #[arg(long)]
     pub allow_remote: bool,
-    /// Require a local credential from clients (kept in the keyring; the URL is printed once).
+    /// Require a local credential from clients (kept in the keyring; the local URL is printed
+    /// at start on a terminal, and by `credproxy profiles --show-token`).
     #[arg(long)]
     pub local_auth: bool,
     /// Also serve requests whose Host is NAME (or NAME:PORT); loopback names are always served.
@@ -117,6 +119,18 @@ pub struct ServeArgs {
     /// Serve /healthz and Prometheus /metrics on this loopback address (never a proxied port).
     #[arg(long, value_name = "ADDR:PORT")]
     pub admin: Option<String>,
+}
+
+/// Arguments of `profiles`.
+#[derive(Debug, Args)]
+pub struct ProfilesArgs {
+    /// Print the local URL of one profile with its local credential (what clients of
+    /// `serve --local-auth` use; keep it private), instead of the list.
+    #[arg(long)]
+    pub show_token: bool,
+    /// The profile whose local URL --show-token prints.
+    #[arg(long, default_value = DEFAULT_PROFILE, value_name = "NAME", requires = "show_token")]
+    pub profile: String,
 }
 
 /// A profile selector.

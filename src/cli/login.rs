@@ -68,11 +68,10 @@ pub async fn run(
         Some(path) => Some(CertificateFile::read(path, args.client_key.as_deref())?),
         None => None,
     };
-    let mut file = config.load()?;
     // A re-login keeps the serve-side settings made earlier, and the client certificate
     // unless a new one is given.
     let mut kept_identity = None;
-    if let Some(previous) = file.profiles.get(&profile.name) {
+    if let Some(previous) = config.load()?.profiles.get(&profile.name) {
         profile.local_auth = previous.local_auth;
         profile.allow_hosts = previous.allow_hosts.clone();
         if certificate.is_none()
@@ -157,9 +156,17 @@ pub async fn run(
         }
     })
     .await?;
-    file.profiles
-        .insert(profile.name.clone(), profile.to_entry());
-    config.save(&file)?;
+    let entry = profile.to_entry();
+    config.update(|file| {
+        // The serve-side settings as they are now, should they have changed meanwhile.
+        let mut entry = entry;
+        if let Some(current) = file.profiles.get(&profile.name) {
+            entry.local_auth = current.local_auth;
+            entry.allow_hosts = current.allow_hosts.clone();
+        }
+        file.profiles.insert(profile.name.clone(), entry);
+        Ok(())
+    })?;
     if let Some(path) = &args.client_cert {
         eprintln!(
             "credproxy: the client certificate's private key is in the OS keyring and its chain in the config file; {} is no longer needed and may be deleted",

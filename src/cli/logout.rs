@@ -14,8 +14,9 @@ pub async fn run(
     profile: &str,
 ) -> Result<()> {
     let name = config::validate_profile_name(profile)?;
-    let mut file = config.load()?;
-    let had_profile = file.profiles.remove(&name).is_some();
+    // The entry goes first: a config file that cannot be read or written stops the logout
+    // before any secret is deleted.
+    let had_profile = config.update(|file| Ok(file.profiles.remove(&name).is_some()))?;
     let key = name.clone();
     let had_secret = blocking(move || credentials::delete_profile(keyring.as_ref(), &key)).await?;
     if !had_profile && !had_secret {
@@ -24,9 +25,6 @@ pub async fn run(
             path: config.path().to_owned(),
         }
         .into());
-    }
-    if had_profile {
-        config.save(&file)?;
     }
     eprintln!("credproxy: removed profile '{name}' and its keyring entry");
     super::running::tell(config, &name, false).await;

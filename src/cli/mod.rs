@@ -41,7 +41,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Login(args) => login::run(&config, keyring, args).await,
         Command::Serve(args) => serve::run(&config, keyring, args).await,
         Command::Logout(args) => logout::run(&config, keyring, &args.profile).await,
-        Command::Profiles => profiles::run(&config),
+        Command::Profiles(args) => profiles::run(&config, keyring, args).await,
         Command::Doctor(args) => doctor::run(&config, keyring, &args.profile).await,
         Command::Demo(args) => demo::run(&args.listen, args.keep_running).await,
         Command::Service(args) => service::run(&config, args.action),
@@ -82,7 +82,17 @@ pub fn init_logging(cli: &Cli) {
                 .parse::<Targets>()
                 .expect("the default filter is a valid level")
         });
+    // The builder stops at `info` unless told otherwise, under the filter: the most verbose
+    // level the filter lets through is the limit (no more, or every disabled `debug!` and
+    // `log` record of a dependency would be built and then refused).
+    let most = filter
+        .iter()
+        .map(|(_, level)| level)
+        .chain(filter.default_level())
+        .max()
+        .unwrap_or(tracing::level_filters::LevelFilter::OFF);
     tracing_subscriber::fmt()
+        .with_max_level(most)
         .with_writer(crate::ops::logging::Stderr)
         // Colour escapes only for a terminal, never in log files.
         .with_ansi(std::io::stderr().is_terminal())

@@ -1,7 +1,7 @@
 //! `credproxy serve`: load each profile and its secret, bind, serve until a signal; on SIGHUP
 //! or a request on the control socket, read the config file and the credentials again.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -109,7 +109,7 @@ pub async fn run(
                 "listening on non-loopback {listen} (--allow-remote): anyone who can reach it uses your credentials"
             );
         }
-        let url = announce(&listener, &profile, site.local_token.as_ref())?;
+        let url = announce(&listener, &profile, site.local_token.as_ref(), config)?;
         let (sites, receiver) = watch::channel(site);
         tasks.spawn(serve::run_sites(
             listener,
@@ -133,6 +133,7 @@ pub async fn run(
         tasks.spawn(crate::ops::admin::run(
             listener,
             sites,
+            crate::ops::admin::AdminOptions::default(),
             stop.clone().cancelled_owned(),
         ));
     }
@@ -382,11 +383,12 @@ fn hangups() -> mpsc::Receiver<()> {
 }
 
 /// Prints the line scripts wait for (the bound address, port 0 resolved) and, with local
-/// auth, once, the local URL that carries the local credential; returns `http://ADDR`.
+/// auth, where the local URL is; returns `http://ADDR`.
 fn announce(
     listener: &TcpListener,
     profile: &Profile,
     local_token: Option<&Secret>,
+    config: &ConfigStore,
 ) -> std::result::Result<String, Error> {
     let local: SocketAddr = listener.local_addr().map_err(|source| Error::Listen {
         addr: profile.listen,
@@ -399,13 +401,45 @@ fn announce(
         profile.server, profile.name
     );
     if let Some(token) = local_token {
-        let _ = writeln!(
-            out,
-            "local URL (keep it private): http://{}:{}@{local}",
-            crate::serve::guard::LOCAL_USER,
-            token.expose()
-        );
+        let show = config.command(&format!("profiles --show-token --profile {}", profile.name));
+        let terminal = std::io::stdout().is_terminal();
+        let _ = writeln!(out, "{}", local_url_line(token, local, &show, terminal));
     }
     let _ = out.flush();
     Ok(format!("http://{local}"))
+}
+
+/// The line that tells a user the local URL of a listener at `addr` that requires `token`:
+/// the URL itself only on a `terminal`. Elsewhere standard output is a log (the journal,
+/// `~/Library/Logs`) that keeps it on every start, so the line names the command (`show`)
+/// that prints it instead.
+fn local_url_line(token: &Secret, addr: SocketAddr, show: &str, terminal: bool) -> String {
+    if terminal {
+        format!(
+            "local URL (keep it private): {}",
+            crate::serve::guard::local_url(token, addr)
+        )
+    } else {
+        format!("local auth is on: clients need the local URL; `{show}` prints it")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_url_is_printed_only_to_a_terminal() {
+        let token = Secret::new("tok-5ecret-0123".into());
+        let addr: SocketAddr = "127.0.0.1:2283".parse().unwrap();
+        let show = "credproxy profiles --show-token --profile home";
+        let terminal = local_url_line(&token, addr, show, true);
+        assert_eq!(
+            terminal,
+            "local URL (keep it private): http://credproxy:tok-5ecret-0123@127.0.0.1:2283"
+        );
+        let logged = local_url_line(&token, addr, show, false);
+        assert!(!logged.contains("tok-5ecret-0123"), "{logged}");
+        assert!(logged.contains(&format!("`{show}` prints it")), "{logged}");
+    }
 }

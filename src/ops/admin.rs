@@ -6,27 +6,51 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::proxy::Proxy;
 use crate::proxy::stats::{LATENCY_BOUNDS, Stats};
 use crate::serve::guard::Guards;
 use crate::serve::{Site, accept_or_pause};
 
+/// Limits of the admin listener's client connections: it is on loopback, where any local
+/// process can open connections, and shares the proxy's descriptors.
+#[derive(Debug, Clone)]
+pub struct AdminOptions {
+    /// How long a client may take to send a request's headers (also bounds idle keep-alive).
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for AdminOptions {
+    /// A monitor scrapes over one connection and sends its headers at once: 16 connections
+    /// and 10 s are plenty, and 2,000 idle connections then cost 16 descriptors, not 2,000
+    /// (which would leave the proxy port unable to accept under a 1,024 limit).
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 16,
+        }
+    }
+}
+
 /// Serves `/healthz` and `/metrics` for the profiles of `sites` (whatever each listener
-/// serves now) on `listener` until `shutdown` resolves. Requests must name the listener as
-/// their Host, as on the proxy port.
+/// serves now) on `listener` until `shutdown` resolves, within the limits of `options`.
+/// Requests must name the listener as their Host, as on the proxy port.
 pub async fn run(
     listener: TcpListener,
     sites: Vec<watch::Receiver<Site>>,
+    options: AdminOptions,
     shutdown: impl Future<Output = ()>,
 ) {
     let guards = Arc::new(match listener.local_addr() {
@@ -34,14 +58,24 @@ pub async fn run(
         Err(_) => Guards::refuse_all(),
     });
     let sites = Arc::new(sites);
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
             (stream, _) = accept_or_pause(|| listener.accept()) => stream,
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refuse_busy(&stream);
+            continue;
+        };
         let sites = sites.clone();
         let guards = guards.clone();
+        let connection = builder.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let proxies: Vec<Proxy> = sites.iter().map(|s| s.borrow().proxy.clone()).collect();
@@ -51,11 +85,21 @@ pub async fn run(
                 };
                 async move { Ok::<_, Infallible>(answer) }
             });
-            let _ = http1::Builder::new()
+            let _ = connection
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(permit);
         });
     }
+}
+
+/// Answers a connection beyond the limit with a short 503 if the socket takes it at once,
+/// and closes it: nothing waits on a client that holds connections it does not use.
+fn refuse_busy(stream: &tokio::net::TcpStream) {
+    tracing::debug!("admin listener: connection limit reached; refusing a connection");
+    let _ = stream.try_write(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 45\r\n\r\ncredproxy: too many connections, retry later\n",
+    );
 }
 
 fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
@@ -215,7 +259,107 @@ pub fn render_metrics(entries: &[(&str, &Stats)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpStream;
+
+    /// Serves an admin listener with no profiles on 127.0.0.1:0; stops when the sender drops.
+    async fn start(
+        options: AdminOptions,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(run(listener, Vec::new(), options, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop)
+    }
+
+    /// Sends a `/healthz` request on `client`, reads the whole answer (the connection stays
+    /// open) and returns its status line.
+    async fn healthz(client: &mut TcpStream, addr: std::net::SocketAddr) -> String {
+        client
+            .write_all(format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        loop {
+            let mut chunk = [0u8; 1024];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|l| l.parse().ok())
+                    .unwrap();
+                if body.len() >= length {
+                    return head.lines().next().unwrap().to_owned();
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_no_headers_is_closed_after_the_timeout() {
+        let timeout = Duration::from_secs(5);
+        let (addr, _stop) = start(AdminOptions {
+            header_read_timeout: timeout,
+            max_connections: 4,
+        })
+        .await;
+        // A client that asks at once is answered.
+        let mut prompt = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut prompt, addr).await, "HTTP/1.1 200 OK");
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut rest = Vec::new();
+        idle.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(
+            start.elapsed(),
+            timeout,
+            "closed after {:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_refused_and_those_within_served() {
+        let (addr, _stop) = start(AdminOptions {
+            header_read_timeout: Duration::from_secs(600),
+            max_connections: 2,
+        })
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            // Answered: the listener has taken it under the cap.
+            assert_eq!(healthz(&mut client, addr).await, "HTTP/1.1 200 OK");
+            held.push(client);
+        }
+        let mut beyond = TcpStream::connect(addr).await.unwrap();
+        let mut answer = String::new();
+        beyond.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.ends_with("\r\n\r\ncredproxy: too many connections, retry later\n"),
+            "{answer}"
+        );
+        let length: usize = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(length, answer.split_once("\r\n\r\n").unwrap().1.len());
+        // Those within the cap are still served.
+        for client in &mut held {
+            assert_eq!(healthz(client, addr).await, "HTTP/1.1 200 OK");
+        }
+    }
 
     #[test]
     fn metrics_render_counters_and_a_cumulative_histogram() {

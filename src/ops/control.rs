@@ -79,6 +79,32 @@ pub struct Command {
     pub reply: tokio::sync::oneshot::Sender<Reply>,
 }
 
+/// Why a connection to the control socket was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// The peer runs as another user.
+    #[error("refused a connection from uid {peer}: only uid {own} may control this proxy")]
+    OtherUser {
+        /// The peer's user id.
+        peer: u32,
+        /// This process's user id.
+        own: u32,
+    },
+    /// The peer's user could not be told.
+    #[error("refused a connection whose user cannot be told")]
+    Unknown,
+}
+
+/// Admits a control connection from a peer running as `peer` (`None`: unknown) to a proxy
+/// running as `own`: only the same user may reload it or read its state.
+pub fn admit(peer: Option<u32>, own: u32) -> Result<(), Refused> {
+    match peer {
+        Some(peer) if peer == own => Ok(()),
+        Some(peer) => Err(Refused::OtherUser { peer, own }),
+        None => Err(Refused::Unknown),
+    }
+}
+
 /// Whether this platform has the control socket (Unix).
 pub const AVAILABLE: bool = cfg!(unix);
 
@@ -152,8 +178,22 @@ mod unix {
     }
 
     /// Answers control requests on `listener` by handing them to `commands`, until
-    /// `shutdown` resolves; removes the socket file at `path` then.
+    /// `shutdown` resolves; removes the socket file at `path` then. Only processes of this
+    /// user are answered.
     pub async fn serve(
+        listener: UnixListener,
+        path: PathBuf,
+        commands: mpsc::Sender<Command>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        // SAFETY: getuid cannot fail and touches no memory.
+        let uid = unsafe { libc::getuid() };
+        serve_for(uid, listener, path, commands, shutdown).await;
+    }
+
+    /// [`serve`] for the user `uid`.
+    pub(super) async fn serve_for(
+        uid: u32,
         listener: UnixListener,
         path: PathBuf,
         commands: mpsc::Sender<Command>,
@@ -163,15 +203,18 @@ mod unix {
         loop {
             let stream = tokio::select! {
                 () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(err) => {
-                        tracing::warn!("control socket accept failed: {err}");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                (stream, _) = crate::serve::accept_or_pause(|| listener.accept()) => stream,
             };
+            // The socket's directory is private already; this also keeps out a process of
+            // another user that was handed a descriptor, or a directory made too open.
+            let peer = stream.peer_cred().map(|cred| cred.uid());
+            if let Err(refused) = super::admit(peer.as_ref().ok().copied(), uid) {
+                match peer {
+                    Ok(_) => tracing::warn!("control socket: {refused}"),
+                    Err(err) => tracing::warn!("control socket: {refused} ({err})"),
+                }
+                continue;
+            }
             let commands = commands.clone();
             tokio::spawn(async move {
                 if let Err(err) = answer(stream, commands).await {
@@ -315,6 +358,56 @@ mod tests {
         stop.send(()).unwrap();
         server.await.unwrap();
         assert!(!path.exists(), "the socket file goes with the server");
+    }
+
+    #[test]
+    fn only_the_same_user_is_admitted() {
+        assert_eq!(admit(Some(1000), 1000), Ok(()));
+        assert_eq!(
+            admit(Some(1001), 1000),
+            Err(Refused::OtherUser {
+                peer: 1001,
+                own: 1000
+            })
+        );
+        assert_eq!(
+            admit(Some(0), 1000).map_err(|e| e.to_string()),
+            Err("refused a connection from uid 0: only uid 1000 may control this proxy".to_owned())
+        );
+        assert_eq!(admit(None, 1000), Err(Refused::Unknown));
+    }
+
+    #[tokio::test]
+    async fn a_peer_of_another_user_gets_no_answer_and_reaches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serve-1.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (commands, mut received) = tokio::sync::mpsc::channel(1);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // SAFETY: getuid cannot fail and touches no memory.
+        let me = unsafe { libc::getuid() };
+        // The proxy runs as some other user than this test: the test is the foreign peer.
+        let server = tokio::spawn(unix::serve_for(
+            me.wrapping_add(1),
+            listener,
+            path.clone(),
+            commands,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        // Bounded: a peer let in would wait for an answer that never comes.
+        let asked = tokio::time::timeout(ANSWER_TIMEOUT, ask(&path, &Request::Status)).await;
+        assert!(
+            matches!(asked, Ok(Err(_))),
+            "a foreign peer was not turned away: {asked:?}"
+        );
+        assert!(
+            received.try_recv().is_err(),
+            "a foreign request got through"
+        );
+        stop.send(()).unwrap();
+        server.await.unwrap();
     }
 
     #[test]

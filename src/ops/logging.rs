@@ -19,8 +19,8 @@ use crate::proxy::body::ACCESS_TARGET;
 
 /// The event format: tracing-subscriber's usual line (time, level, message and fields, ANSI
 /// escapes in messages neutralised), except for access lines, which are written directly:
-/// their message is built by credproxy from a parsed request (method, URI path, numbers),
-/// which cannot hold control characters, so the character-by-character escaping, a good part
+/// their message is built by credproxy from a parsed request (method, redacted request
+/// target, numbers), which cannot hold control characters, so the character-by-character escaping, a good part
 /// of a small request's logging cost, has nothing to do.
 #[derive(Debug, Default)]
 pub struct Format {
@@ -260,12 +260,12 @@ mod tests {
     }
 
     #[test]
-    fn access_lines_carry_the_request_numbers_and_never_the_query() {
+    fn access_lines_carry_the_request_numbers_and_never_a_share_key() {
         use crate::proxy::body::{Direction, Exchange};
         let out = Captured::default();
         tracing::subscriber::with_default(capturing(&out), || {
             let stats = std::sync::Arc::new(crate::proxy::Stats::default());
-            let uri = http::Uri::from_static("/api/assets?key=share-secret");
+            let uri = http::Uri::from_static("/share/path-secret/photos/a1?key=share-secret");
             let exchange = Exchange::new(http::Method::PUT, &uri, stats);
             exchange.set_status(http::StatusCode::CREATED);
             exchange.add(Direction::Up, 1_048_576);
@@ -275,10 +275,15 @@ mod tests {
         let (time, line) = text.trim_end().split_once(' ').unwrap();
         assert!(time.len() == 27 && time.ends_with('Z'), "{time}");
         assert!(
-            line.starts_with(" INFO method=PUT path=/api/assets status=201 up=1048576 down=0 ms="),
+            line.starts_with(
+                " INFO method=PUT path=/share/***/photos/a1?key=*** status=201 up=1048576 down=0 ms="
+            ),
             "{line}"
         );
-        assert!(!text.contains("share-secret"), "{text}");
+        assert!(
+            !text.contains("share-secret") && !text.contains("path-secret"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub struct IdleTimeout(pub Duration);
 #[derive(Debug)]
 pub struct Exchange {
     method: http::Method,
-    /// The request target; only its path is ever logged (queries can carry share keys).
+    /// The request target, logged only through [`super::redact`] (it can carry share keys).
     uri: http::Uri,
     start: Instant,
     status: AtomicU16,
@@ -76,12 +76,11 @@ impl Drop for Exchange {
         self.stats.bytes_down.fetch_add(down, Ordering::Relaxed);
         let elapsed = self.start.elapsed();
         self.stats.latency.record(elapsed);
-        // Only the path: queries can carry share keys.
         tracing::info!(
             target: ACCESS_TARGET,
             "method={} path={} status={} up={up} down={down} ms={}",
             self.method,
-            self.uri.path(),
+            super::redact::request_target(&self.uri),
             self.status.get_mut(),
             elapsed.as_millis(),
         );

@@ -6,12 +6,13 @@
 //! statistics) and its parts: [`rewrite`] (pure request/response rewriting), [`gate`] (the
 //! Authentik outpost's answers), [`live`] (credentials as live state: re-read, back-off,
 //! standing with the gate), [`jar`] (the gate's session cookies), [`body`] (streaming bodies,
-//! the per-exchange record) and [`stats`].
+//! the per-exchange record), [`redact`] (request targets as logs may show them) and [`stats`].
 
 pub mod body;
 pub mod gate;
 pub mod jar;
 pub mod live;
+pub mod redact;
 pub mod rewrite;
 pub mod stats;
 
@@ -195,7 +196,11 @@ impl Proxy {
         message: String,
     ) -> Response<ResponseBody> {
         let exchange = Exchange::new(req.method().clone(), req.uri(), self.inner.stats.clone());
-        tracing::warn!("refused {} {}: {message}", req.method(), req.uri().path());
+        tracing::warn!(
+            "refused {} {}: {message}",
+            req.method(),
+            redact::request_target(req.uri())
+        );
         self.inner
             .error_response(&exchange, status, code, message, None)
     }

@@ -13,6 +13,12 @@ use crate::credentials::Secret;
 /// The username of the local credential clients put in their URL.
 pub const LOCAL_USER: &str = "credproxy";
 
+/// The URL clients of a listener at `addr` use when it requires the local credential `token`
+/// (keep it private).
+pub fn local_url(token: &Secret, addr: SocketAddr) -> String {
+    format!("http://{LOCAL_USER}:{}@{addr}", token.expose())
+}
+
 /// Which requests may use the proxy.
 #[derive(Debug, Clone, Default)]
 pub struct Guards {
@@ -71,7 +77,7 @@ impl Refusal {
                     .to_owned()
             }
             Refusal::LocalAuth => format!(
-                "this proxy needs its local credential: use the local URL printed at start (http://{LOCAL_USER}:TOKEN@127.0.0.1:PORT)"
+                "this proxy needs its local credential: use the local URL (http://{LOCAL_USER}:TOKEN@127.0.0.1:PORT) that `credproxy profiles --show-token` prints"
             ),
         }
     }

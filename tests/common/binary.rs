@@ -155,9 +155,13 @@ impl Serving {
     /// Starts `credproxy serve ARGS` and waits (bounded) for the line that says where it
     /// listens.
     pub async fn start(config: &Path, args: &[&str]) -> Serving {
-        let mut child = command(config, &[&["serve"], args].concat())
-            .spawn()
-            .unwrap();
+        Self::spawn(command(config, &[&["serve"], args].concat())).await
+    }
+
+    /// Starts `cmd` (a `serve` made by [`command`] that the test adjusted) and waits
+    /// (bounded) for the line that says where it listens.
+    pub async fn spawn(mut cmd: Command) -> Serving {
+        let mut child = cmd.spawn().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         let stderr = BufReader::new(child.stderr.take().unwrap());
         let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
@@ -225,7 +229,12 @@ impl Serving {
     }
 
     /// Stops it with SIGTERM and returns the rest of its log.
-    pub async fn stop(mut self) -> String {
+    pub async fn stop(self) -> String {
+        self.stop_with_output().await.1
+    }
+
+    /// Stops it with SIGTERM and returns the rest of its standard output and its log.
+    pub async fn stop_with_output(mut self) -> (String, String) {
         self.signal("-TERM");
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
@@ -233,6 +242,11 @@ impl Serving {
             .unwrap();
         assert_eq!(status.code(), Some(0));
         self.stderr.read_to_string(&mut self.logs).await.unwrap();
-        self.logs
+        let mut stdout = String::new();
+        while let Some(line) = self.stdout.next_line().await.unwrap() {
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+        (stdout, self.logs)
     }
 }
