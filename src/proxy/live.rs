@@ -3,11 +3,15 @@
 //! whenever the user reloads, the gate's session cookies won with them, and what the gate has
 //! said about them: when it last accepted them, since when it rejects them, the back-off.
 //!
-//! While the credentials work nothing here polls the store: a request costs one atomic load
-//! on the way in and, once a second, a timestamp on the way out.
+//! While the credentials work nothing here polls the store and nothing shared is written: a
+//! request reads the `blocked` flag and the loaded credentials (arc-swap: a pointer load, no
+//! shared reference count touched) on the way in, and on the way out compares generations and
+//! stores a timestamp at most once a second.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -29,7 +33,9 @@ pub struct LiveCredentials {
     scheme: Scheme,
     username: String,
     source: Arc<dyn SecretSource>,
-    current: Mutex<Arc<Loaded>>,
+    current: ArcSwap<Loaded>,
+    /// The generation of `current`: what `passed` compares with, without loading it.
+    generation: AtomicU64,
     /// False while the credentials work: the check every request makes.
     blocked: AtomicBool,
     state: Mutex<State>,
@@ -57,7 +63,21 @@ impl Loaded {
     pub fn injection(&self) -> &Injection {
         &self.injection
     }
+
+    /// Which credentials these are, for reporting the gate's verdict on a request sent with
+    /// them.
+    pub fn generation(&self) -> Generation {
+        Generation(self.generation)
+    }
 }
+
+/// The credentials a request was admitted with (see [`LiveCredentials::admit`]).
+pub type Admitted = arc_swap::Guard<Arc<Loaded>>;
+
+/// Which loaded credentials a request was sent with: a verdict on replaced ones is not held
+/// against the new ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(u64);
 
 /// Why stored credentials cannot be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,7 +218,8 @@ impl LiveCredentials {
             scheme,
             username,
             source,
-            current: Mutex::new(Arc::new(loaded)),
+            current: ArcSwap::from_pointee(loaded),
+            generation: AtomicU64::new(0),
             blocked: AtomicBool::new(blocked),
             state: Mutex::new(State {
                 last_read: Some(Instant::now()),
@@ -222,23 +243,27 @@ impl LiveCredentials {
 
     /// The credentials loaded now.
     pub fn current(&self) -> Arc<Loaded> {
-        lock(&self.current).clone()
+        self.current.load_full()
     }
 
     /// The credentials to send with the next request, or why it must not be sent.
     ///
     /// While they are rejected or missing, the store is read again first when the last
     /// read is [`REREAD_EVERY`] old: new credentials end the back-off at once.
-    pub async fn admit(&self) -> Result<Arc<Loaded>, Blocked> {
+    ///
+    /// The answer borrows the credentials: hold it only while the request is rewritten
+    /// (until then a replacement waits to be freed), and keep its [`Loaded::generation`]
+    /// for [`LiveCredentials::passed`] or [`LiveCredentials::rejected`].
+    pub async fn admit(&self) -> Result<Admitted, Blocked> {
         if !self.blocked.load(Ordering::Acquire) {
-            return Ok(self.current());
+            return Ok(self.current.load());
         }
         let _one = self.reading.lock().await;
         if self.read_due() {
             // A failed read keeps what was loaded; it was logged.
             let _ = self.reread().await;
         }
-        let current = self.current();
+        let current = self.current.load();
         if let Some(unusable) = &current.unusable {
             return Err(Blocked::Unusable(unusable.clone()));
         }
@@ -255,11 +280,12 @@ impl LiveCredentials {
         }
     }
 
-    /// Records that the gate let a request with `loaded` through.
-    pub fn passed(&self, loaded: &Loaded) {
+    /// Records that the gate let a request sent with the credentials of `generation` through.
+    pub fn passed(&self, generation: Generation) {
+        let current = self.generation.load(Ordering::Acquire) == generation.0;
         if self.blocked.load(Ordering::Relaxed) {
             let mut state = lock(&self.state);
-            if state.rejection.is_some() && loaded.generation == self.current().generation {
+            if state.rejection.is_some() && current {
                 state.rejection = None;
                 self.blocked.store(false, Ordering::Release);
                 tracing::info!("the gate accepts the credentials again");
@@ -267,19 +293,22 @@ impl LiveCredentials {
         }
         let now = unix_seconds(SystemTime::now());
         // Read first: a write on every request would move this line between cores.
-        if self.accepted_at.load(Ordering::Relaxed) != now
-            && loaded.generation == self.current().generation
-        {
+        if current && self.accepted_at.load(Ordering::Relaxed) != now {
             self.accepted_at.store(now, Ordering::Relaxed);
         }
     }
 
-    /// Records that the gate rejected a request with `loaded`; returns how this request is
-    /// answered and, when this rejection began a new back-off, its length.
-    pub fn rejected(&self, loaded: &Loaded, verdict: Verdict) -> (Blocked, Option<Duration>) {
+    /// Records that the gate rejected a request sent with the credentials of `generation`;
+    /// returns how this request is answered and, when this rejection began a new back-off,
+    /// its length.
+    pub fn rejected(
+        &self,
+        generation: Generation,
+        verdict: Verdict,
+    ) -> (Blocked, Option<Duration>) {
         let now = Instant::now();
         let mut state = lock(&self.state);
-        if loaded.generation != self.current().generation {
+        if generation.0 != self.generation.load(Ordering::Acquire) {
             // Sent with credentials replaced meanwhile: the new ones are not to blame.
             return (
                 Blocked::Rejected {
@@ -325,7 +354,7 @@ impl LiveCredentials {
 
     /// The credentials' standing now.
     pub fn health(&self) -> Health {
-        let current = self.current();
+        let current = self.current.load();
         let accepted = self.accepted_at.load(Ordering::Relaxed);
         let now = Instant::now();
         let rejection = lock(&self.state).rejection;
@@ -357,14 +386,17 @@ impl LiveCredentials {
         let secret = read.inspect_err(|err| {
             tracing::warn!("cannot read the credentials again: {err}");
         })?;
-        let current = self.current();
+        let current = self.current.load();
         if current.secret == secret {
             return Ok(Reload::Unchanged);
         }
         let removed = secret.is_none();
-        let loaded = Loaded::new(current.generation + 1, secret, &self.scheme, &self.username);
+        let generation = current.generation + 1;
+        let loaded = Loaded::new(generation, secret, &self.scheme, &self.username);
         let blocked = loaded.unusable.is_some();
-        *lock(&self.current) = Arc::new(loaded);
+        drop(current);
+        self.current.store(Arc::new(loaded));
+        self.generation.store(generation, Ordering::Release);
         lock(&self.state).rejection = None;
         self.accepted_at.store(0, Ordering::Relaxed);
         self.jar.clear();
@@ -442,11 +474,14 @@ mod tests {
     async fn the_backoff_doubles_to_a_cap_and_clears_when_the_gate_accepts() {
         let live = live(&store_with(Some("pw")));
         let loaded = live.admit().await.unwrap();
-        let (blocked, began) = live.rejected(&loaded, Verdict::Rejected);
+        let (blocked, began) = live.rejected(loaded.generation(), Verdict::Rejected);
         assert_eq!(began, Some(FIRST_BACKOFF));
         assert_eq!(retry_after(&blocked), FIRST_BACKOFF);
         // A second rejection inside the pause is the same burst: no doubling.
-        assert_eq!(live.rejected(&loaded, Verdict::Rejected).1, None);
+        assert_eq!(
+            live.rejected(loaded.generation(), Verdict::Rejected).1,
+            None
+        );
         assert_eq!(retry_after(&live.admit().await.unwrap_err()), FIRST_BACKOFF);
         let mut expected = FIRST_BACKOFF;
         for _ in 0..10 {
@@ -454,17 +489,18 @@ mod tests {
             let attempt = live.admit().await.expect("the back-off is over");
             expected = (expected * 2).min(MAX_BACKOFF);
             assert_eq!(
-                live.rejected(&attempt, Verdict::LoginRedirect).1,
+                live.rejected(attempt.generation(), Verdict::LoginRedirect)
+                    .1,
                 Some(expected)
             );
         }
         assert_eq!(expected, MAX_BACKOFF);
         tokio::time::advance(MAX_BACKOFF).await;
         let attempt = live.admit().await.unwrap();
-        live.passed(&attempt);
+        live.passed(attempt.generation());
         assert!(live.health().rejected.is_none());
         assert_eq!(
-            live.rejected(&attempt, Verdict::Rejected).1,
+            live.rejected(attempt.generation(), Verdict::Rejected).1,
             Some(FIRST_BACKOFF)
         );
     }
@@ -475,7 +511,7 @@ mod tests {
         let live = live(&store);
         let old = live.admit().await.unwrap();
         live.jar().absorb(&mut session_cookie());
-        live.rejected(&old, Verdict::Rejected);
+        live.rejected(old.generation(), Verdict::Rejected);
         assert!(
             live.jar().cookie_header().is_none(),
             "the session goes with the rejection"
@@ -488,7 +524,7 @@ mod tests {
         assert_ne!(new.generation, old.generation);
         assert_eq!(new.injection().headers()[0].1, "Basic c3ZjOm5ldw==");
         // A late rejection of the old credentials does not block the new ones.
-        assert_eq!(live.rejected(&old, Verdict::Rejected).1, None);
+        assert_eq!(live.rejected(old.generation(), Verdict::Rejected).1, None);
         assert!(live.admit().await.is_ok());
     }
 
@@ -499,7 +535,7 @@ mod tests {
         store.set("p", &Secret::new("changed".into())).unwrap();
         tokio::time::advance(Duration::from_secs(3600)).await;
         let loaded = live.admit().await.unwrap();
-        live.passed(&loaded);
+        live.passed(loaded.generation());
         assert_eq!(loaded.injection().headers()[0].1, "Basic c3ZjOnB3");
         assert!(live.health().last_accepted.is_some());
     }
@@ -526,9 +562,9 @@ mod tests {
         let live = live(&store_with(Some("pw")));
         let loaded = live.admit().await.unwrap();
         assert!(live.health().last_accepted.is_none());
-        live.passed(&loaded);
+        live.passed(loaded.generation());
         let accepted = live.health().last_accepted.expect("accepted");
-        let (blocked, _) = live.rejected(&loaded, Verdict::Rejected);
+        let (blocked, _) = live.rejected(loaded.generation(), Verdict::Rejected);
         match blocked {
             Blocked::Rejected {
                 accepted_until,

@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 
 use self::body::{Direction, Exchange, Full, ResponseBody, Tracked};
 use self::gate::Verdict;
-use self::live::{Blocked, LiveCredentials, Loaded, Unusable};
+use self::live::{Blocked, Generation, LiveCredentials, Unusable};
 use self::rewrite::{Target, rewrite_request, rewrite_response, upgrade_protocol};
 pub use self::stats::Stats;
 use crate::config::{Profile, ServerUrl};
@@ -223,7 +223,12 @@ impl Proxy {
         let client_host = req.headers().get(header::HOST).cloned();
         let (mut parts, body) = req.into_parts();
         let session = inner.credentials.jar().cookie_header();
-        if let Err(err) = rewrite_request(&mut parts, &inner.target, loaded.injection(), session) {
+        let rewritten = rewrite_request(&mut parts, &inner.target, loaded.injection(), session);
+        // Only the generation is kept while the request is out: a reload frees the old
+        // credentials without waiting for the answer.
+        let generation = loaded.generation();
+        drop(loaded);
+        if let Err(err) = rewritten {
             return inner.error_response(
                 &exchange,
                 StatusCode::BAD_REQUEST,
@@ -240,13 +245,13 @@ impl Proxy {
         };
         if gate::may_refuse_certificate(response.status(), response.headers()) {
             return inner
-                .small_page(response, &loaded, client_host, exchange)
+                .small_page(response, generation, client_host, exchange)
                 .await;
         }
         match gate::classify(response.status(), response.headers()) {
-            Verdict::Passed => inner.credentials.passed(&loaded),
+            Verdict::Passed => inner.credentials.passed(generation),
             verdict => {
-                let (blocked, began) = inner.credentials.rejected(&loaded, verdict);
+                let (blocked, began) = inner.credentials.rejected(generation, verdict);
                 if let Some(pause) = began {
                     tracing::warn!(
                         "{}; not sending them again for {} s. Fix: {}",
@@ -331,7 +336,7 @@ impl Inner {
     async fn small_page(
         &self,
         response: Response<Incoming>,
-        loaded: &Loaded,
+        generation: Generation,
         client_host: Option<HeaderValue>,
         exchange: Arc<Exchange>,
     ) -> Response<ResponseBody> {
@@ -363,7 +368,7 @@ impl Inner {
             self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             return self.certificate_refused(&exchange, refusal);
         }
-        self.credentials.passed(loaded);
+        self.credentials.passed(generation);
         exchange.add(Direction::Down, page.len() as u64);
         self.pass_on(&mut parts, client_host.as_ref(), &exchange);
         Response::from_parts(parts, Either::Right(Full::new(page)))
