@@ -21,7 +21,8 @@ use crate::credentials::{Scheme, Secret};
 use crate::diagnose::check::Checker;
 use crate::diagnose::doctor::{self, Step};
 use crate::error::{Error, Result};
-use crate::proxy::live::{Reload, Standing};
+use crate::ops::health::Standing;
+use crate::proxy::live::Reload;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::serve::guard::LOCAL_USER;
 use crate::serve::{self, ServeOptions, Site};
@@ -192,7 +193,7 @@ impl Embedded {
             bytes_up: stats.bytes_up.load(Ordering::Relaxed),
             bytes_down: stats.bytes_down.load(Ordering::Relaxed),
             last_error: lock(&self.last_error).clone(),
-            credentials: proxy.credentials().health().standing(),
+            credentials: Standing::of(&proxy.credentials().health()),
         }
     }
 

@@ -316,7 +316,7 @@ impl Server {
                 .iter()
                 .map(|one| {
                     let proxy = one.sites.borrow().proxy.clone();
-                    let health = crate::ops::admin::profile_health(&proxy);
+                    let health = crate::ops::health::profile_health(&proxy);
                     ProfileReply {
                         profile: one.profile.name.clone(),
                         url: one.url.clone(),

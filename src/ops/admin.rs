@@ -20,7 +20,9 @@ use tokio::sync::{Semaphore, watch};
 use crate::proxy::Proxy;
 use crate::proxy::stats::{LATENCY_BOUNDS, Stats};
 use crate::serve::guard::Guards;
-use crate::serve::{Site, accept_or_pause};
+use crate::serve::{Site, accept_or_pause, refuse_busy};
+
+use super::health::profile_health;
 
 /// Limits of the admin listener's client connections: it is on loopback, where any local
 /// process can open connections, and shares the proxy's descriptors.
@@ -70,6 +72,7 @@ pub async fn run(
             (stream, _) = accept_or_pause(|| listener.accept()) => stream,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin listener: connection limit reached; refusing a connection");
             refuse_busy(&stream);
             continue;
         };
@@ -91,15 +94,6 @@ pub async fn run(
             drop(permit);
         });
     }
-}
-
-/// Answers a connection beyond the limit with a short 503 if the socket takes it at once,
-/// and closes it: nothing waits on a client that holds connections it does not use.
-fn refuse_busy(stream: &tokio::net::TcpStream) {
-    tracing::debug!("admin listener: connection limit reached; refusing a connection");
-    let _ = stream.try_write(
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 45\r\n\r\ncredproxy: too many connections, retry later\n",
-    );
 }
 
 fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
@@ -129,28 +123,6 @@ fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
         }
         _ => text(StatusCode::NOT_FOUND, "try /healthz or /metrics".to_owned()),
     }
-}
-
-/// One profile's health as JSON: its server and where its credentials stand with the gate
-/// (`/healthz`, and what `credproxy doctor` asks a running proxy for).
-pub fn profile_health(proxy: &Proxy) -> serde_json::Value {
-    let standing = proxy.credentials().health().standing();
-    let certificate = proxy.settings().identity.as_ref().map(|identity| {
-        let info = identity.info();
-        serde_json::json!({
-            "subject": info.subject,
-            "issuer": info.issuer,
-            "expires": crate::utc::seconds(info.not_after),
-            "days_left": info.days_left(std::time::SystemTime::now()),
-        })
-    });
-    serde_json::json!({
-        "profile": proxy.settings().profile,
-        "server": proxy.settings().server.to_string(),
-        "credentials_rejected": standing.backoff_seconds.is_some(),
-        "credentials": standing,
-        "client_certificate": certificate,
-    })
 }
 
 fn text(status: StatusCode, message: String) -> Response<Full<Bytes>> {

@@ -118,18 +118,67 @@ fn is_session_set_cookie(value: &[u8]) -> bool {
         .starts_with(SESSION_COOKIE_PREFIX.as_bytes())
 }
 
+/// A `Set-Cookie` value taken apart, without copying: its `name=value` pair and its
+/// attributes. The one reader of `Set-Cookie` for the jar and for the client's copy.
+pub(crate) struct SetCookie<'a> {
+    /// The cookie's name, trimmed.
+    pub name: &'a str,
+    /// Its value, trimmed.
+    pub value: &'a str,
+    /// What follows the first `;`.
+    attributes: &'a str,
+}
+
+/// One attribute of a [`SetCookie`].
+pub(crate) struct Attribute<'a> {
+    /// Its name, trimmed (`Max-Age`, `Secure`).
+    pub name: &'a str,
+    /// Its value, trimmed; `None` without `=`.
+    pub value: Option<&'a str>,
+    /// The attribute as written, trimmed.
+    pub text: &'a str,
+}
+
+impl<'a> SetCookie<'a> {
+    /// Takes `name=value; attr; attr=value…` apart; `None` without a `name=value` pair.
+    pub fn parse(text: &'a str) -> Option<Self> {
+        let (pair, attributes) = text.split_once(';').unwrap_or((text, ""));
+        let (name, value) = pair.trim().split_once('=')?;
+        Some(Self {
+            name: name.trim(),
+            value: value.trim(),
+            attributes,
+        })
+    }
+
+    /// The attributes in order, empty ones left out.
+    pub fn attributes(&self) -> impl Iterator<Item = Attribute<'a>> + use<'a> {
+        self.attributes
+            .split(';')
+            .map(str::trim)
+            .filter(|attr| !attr.is_empty())
+            .map(|text| {
+                let (name, value) = match text.split_once('=') {
+                    Some((name, value)) => (name.trim(), Some(value.trim())),
+                    None => (text, None),
+                };
+                Attribute { name, value, text }
+            })
+    }
+}
+
 /// Parses `name=value; Max-Age=…; Expires=…` into a stored cookie (Max-Age wins).
 fn parse_set_cookie(text: &str) -> Option<Stored> {
-    let mut parts = text.split(';');
-    let (name, value) = parts.next()?.trim().split_once('=')?;
+    let cookie = SetCookie::parse(text)?;
+    let (name, value) = (cookie.name, cookie.value);
     let mut max_age = None;
     let mut expires = None;
-    for attr in parts {
-        let (key, val) = attr.trim().split_once('=').unwrap_or((attr.trim(), ""));
-        if key.eq_ignore_ascii_case("max-age") {
-            max_age = val.trim().parse::<i64>().ok();
-        } else if key.eq_ignore_ascii_case("expires") {
-            expires = httpdate::parse_http_date(val.trim()).ok();
+    for attr in cookie.attributes() {
+        let val = attr.value.unwrap_or("");
+        if attr.name.eq_ignore_ascii_case("max-age") {
+            max_age = val.parse::<i64>().ok();
+        } else if attr.name.eq_ignore_ascii_case("expires") {
+            expires = httpdate::parse_http_date(val).ok();
         }
     }
     let now = Instant::now();
@@ -143,8 +192,8 @@ fn parse_set_cookie(text: &str) -> Option<Stored> {
         (None, None) => None,
     };
     Some(Stored {
-        name: name.trim().to_owned(),
-        value: value.trim().to_owned(),
+        name: name.to_owned(),
+        value: value.to_owned(),
         expires,
     })
 }

@@ -148,51 +148,6 @@ pub struct Health {
     pub backoff: Option<Duration>,
 }
 
-impl Health {
-    /// The standing as text, as reports show it.
-    pub fn standing(&self) -> Standing {
-        let state = match (&self.unusable, &self.rejected, &self.last_accepted) {
-            (Some(Unusable::Missing), ..) => "missing",
-            (Some(Unusable::Invalid(_)), ..) => "unusable",
-            (None, Some(_), _) => "rejected",
-            (None, None, Some(_)) => "accepted",
-            (None, None, None) => "not yet used",
-        };
-        Standing {
-            state,
-            loaded_at: crate::utc::seconds(self.loaded_at),
-            last_accepted: self.last_accepted.map(crate::utc::seconds),
-            rejected_since: self.rejected.map(|(since, _)| crate::utc::seconds(since)),
-            rejection: self.rejected.map(|(_, verdict)| verdict.explain()),
-            backoff_seconds: self.backoff.map(|b| b.as_secs().max(1)),
-            problem: match &self.unusable {
-                Some(Unusable::Invalid(reason)) => Some(reason.clone()),
-                _ => None,
-            },
-        }
-    }
-}
-
-/// Where credentials stand, as text (times in RFC 3339, UTC): what `/healthz`, the doctor
-/// and apps show.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Standing {
-    /// `not yet used`, `accepted`, `rejected`, `missing` or `unusable`.
-    pub state: &'static str,
-    /// When they were read from their store.
-    pub loaded_at: String,
-    /// When the gate last let a request through with them.
-    pub last_accepted: Option<String>,
-    /// Since when the gate rejects them.
-    pub rejected_since: Option<String>,
-    /// What the gate's rejection means.
-    pub rejection: Option<&'static str>,
-    /// Seconds left before they are sent again.
-    pub backoff_seconds: Option<u64>,
-    /// Why the stored value cannot be used, when it cannot.
-    pub problem: Option<String>,
-}
-
 impl LiveCredentials {
     /// Credentials for `scheme` read from `source` (blocking: call it off the async workers).
     pub fn load(

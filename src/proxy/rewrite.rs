@@ -131,9 +131,8 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
     let connection_says_upgrade = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        .flat_map(connection_tokens)
+        .any(|t| t.eq_ignore_ascii_case("upgrade"));
     connection_says_upgrade.then(|| protocol.clone())
 }
 
@@ -271,25 +270,21 @@ pub fn localize_location(
 /// Drops `Domain` and `Secure` from a `Set-Cookie` (and makes `SameSite=None`, which needs
 /// `Secure`, into `Lax`), so a browser on `http://127.0.0.1` stores it for this origin.
 pub fn localize_set_cookie(value: &HeaderValue) -> HeaderValue {
-    let Ok(text) = value.to_str() else {
+    let Some(cookie) = value.to_str().ok().and_then(jar::SetCookie::parse) else {
         return value.clone();
     };
-    let mut parts = text.split(';');
-    let mut out = parts.next().unwrap_or("").trim().to_owned();
-    for attr in parts.map(str::trim).filter(|a| !a.is_empty()) {
-        let key = attr.split('=').next().unwrap_or("").trim();
-        if key.eq_ignore_ascii_case("domain") || key.eq_ignore_ascii_case("secure") {
+    let mut out = format!("{}={}", cookie.name, cookie.value);
+    for attr in cookie.attributes() {
+        if attr.name.eq_ignore_ascii_case("domain") || attr.name.eq_ignore_ascii_case("secure") {
             continue;
         }
         out.push_str("; ");
-        if key.eq_ignore_ascii_case("samesite")
-            && attr
-                .split_once('=')
-                .is_some_and(|(_, v)| v.trim().eq_ignore_ascii_case("none"))
+        if attr.name.eq_ignore_ascii_case("samesite")
+            && attr.value.is_some_and(|v| v.eq_ignore_ascii_case("none"))
         {
             out.push_str("SameSite=Lax");
         } else {
-            out.push_str(attr);
+            out.push_str(attr.text);
         }
     }
     HeaderValue::from_str(&out).unwrap_or_else(|_| value.clone())

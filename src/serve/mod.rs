@@ -4,7 +4,10 @@
 //!
 //! Owns: [`run_sites`], the one way credproxy serves (the binary and the embedded library
 //! alike), [`Site`] (what a listener serves, replaced on reload), [`ServeOptions`] and
-//! [`ThreadHooks`], and [`guard`] (exact Host names, no foreign Origin, local credential).
+//! [`ThreadHooks`], [`accept_or_pause`] and [`refuse_busy`] (shared with the admin
+//! listener), and [`guard`] (exact Host names, no foreign Origin, local credential). The
+//! serving threads, the hand-out of connections to them and the serving of one client
+//! connection are in `threads`.
 //!
 //! Each serving thread runs an event loop of its own (a single-threaded tokio runtime) with
 //! its own upstream connections: a request is read, forwarded, answered and logged on one
@@ -13,32 +16,22 @@
 //! work-stealing runtime with as many threads (bench/README.md).
 
 pub mod guard;
+mod threads;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::HeaderValue;
-use http::header;
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use self::guard::{Guards, Refusal};
+use self::guard::Guards;
+use self::threads::{hand_out, start_threads};
 use crate::credentials::Secret;
-use crate::proxy::{Lane, Proxy};
-
-/// How long no client must be connected before the heap's free pages go back to the system:
-/// long enough that a client opening one connection per request never pays for it, short
-/// enough that an idle proxy is back at its idle size a moment after a burst.
-const TRIM_AFTER_IDLE: Duration = Duration::from_secs(1);
+use crate::proxy::Proxy;
 
 /// Limits and timeouts for client connections, and who may use the listener.
 #[derive(Debug, Clone)]
@@ -115,8 +108,9 @@ impl Default for ServeOptions {
     }
 }
 
-/// What every connection of one listener shares, whatever site it serves.
-struct Listener {
+/// The client connections of one listener, whatever site each serves: how they are served,
+/// how many may be open, and how long they may drain.
+struct Connections {
     builder: http1::Builder,
     max_connections: usize,
     slots: Arc<Semaphore>,
@@ -125,14 +119,15 @@ struct Listener {
     drain_timeout: Duration,
 }
 
-impl Listener {
+impl Connections {
     fn connected(&self) -> usize {
         self.max_connections - self.slots.available_permits()
     }
 }
 
-/// The site a connection serves: its proxy and guards, and the signal that retires it.
-struct Active {
+/// The site a connection serves, as set up for one listener: its proxy and guards, and the
+/// signal that retires it.
+struct LiveSite {
     proxy: Proxy,
     guards: Guards,
     /// Fired when shutdown begins or a reload replaces this site: its connections finish
@@ -140,7 +135,7 @@ struct Active {
     retired: CancellationToken,
 }
 
-impl Active {
+impl LiveSite {
     fn new(site: &Site, addr: Option<std::net::SocketAddr>, stop: &CancellationToken) -> Self {
         let guards = match addr {
             Some(addr) => Guards::for_listener(addr, &site.allow_hosts, site.local_token.as_ref()),
@@ -192,7 +187,7 @@ pub async fn run_sites(
         .header_read_timeout(options.header_read_timeout)
         .max_buf_size(options.max_header_bytes.max(8192));
     let max_connections = options.max_connections.max(1);
-    let shared = Arc::new(Listener {
+    let shared = Arc::new(Connections {
         builder,
         max_connections,
         slots: Arc::new(Semaphore::new(max_connections)),
@@ -208,7 +203,7 @@ pub async fn run_sites(
     };
     let stop = CancellationToken::new();
     let accepting = async {
-        let mut active = Arc::new(Active::new(&sites.borrow_and_update(), addr, &stop));
+        let mut active = Arc::new(LiveSite::new(&sites.borrow_and_update(), addr, &stop));
         let mut reloads = true;
         loop {
             let stream = tokio::select! {
@@ -217,7 +212,7 @@ pub async fn run_sites(
                 changed = sites.changed(), if reloads => {
                     match changed {
                         Ok(()) => {
-                            let next = Active::new(&sites.borrow_and_update(), addr, &stop);
+                            let next = LiveSite::new(&sites.borrow_and_update(), addr, &stop);
                             std::mem::replace(&mut active, Arc::new(next)).retired.cancel();
                         }
                         // Nobody can send a new site any more.
@@ -228,7 +223,8 @@ pub async fn run_sites(
                 (stream, _peer) = accept_or_pause(|| listener.accept()) => stream,
             };
             let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
-                tokio::spawn(refuse_busy(stream));
+                tracing::warn!("connection limit reached; refusing a client connection");
+                refuse_busy(&stream);
                 continue;
             };
             hand_out(&threads, stream, permit, &active);
@@ -249,159 +245,12 @@ pub async fn run_sites(
     };
     tokio::select! {
         _ = async { tokio::join!(stopping, accepting) } => {}
-        () = trim_when_idle(&shared) => {}
+        never = crate::memory::trim_when_idle(&shared.idle, || shared.connected()) => match never {},
     }
     // Without a queue to wait on, each thread drains its connections and ends.
-    let finished: Vec<_> = threads.into_iter().map(|t| t.finished).collect();
+    let finished: Vec<_> = threads.into_iter().map(threads::Thread::finished).collect();
     for done in finished {
         let _ = done.await;
-    }
-}
-
-/// Hands a connection to the serving thread that serves the fewest.
-///
-/// The threads do not take connections from the listener themselves: whichever woke first
-/// would take a burst of them (64 clients connecting at once went 40/24 between two threads),
-/// and the busier thread then holds the others back.
-fn hand_out(
-    threads: &[Thread],
-    stream: TcpStream,
-    permit: OwnedSemaphorePermit,
-    site: &Arc<Active>,
-) {
-    let Some(thread) = threads
-        .iter()
-        .min_by_key(|t| t.load.load(Ordering::Relaxed))
-    else {
-        return;
-    };
-    match stream.into_std() {
-        Ok(stream) => {
-            thread.load.fetch_add(1, Ordering::Relaxed);
-            // A thread that has ended drops the connection (and its permit).
-            let _ = thread.queue.send(Accepted {
-                stream,
-                permit,
-                stopped: site.retired.child_token(),
-                site: site.clone(),
-            });
-        }
-        Err(err) => tracing::warn!("cannot hand over a connection: {err}"),
-    }
-}
-
-/// The way to one serving thread: its queue of new connections and how many it serves.
-struct Thread {
-    queue: mpsc::UnboundedSender<Accepted>,
-    load: Arc<AtomicUsize>,
-    /// Resolves (with an error) when the thread has ended.
-    finished: oneshot::Receiver<()>,
-}
-
-/// A connection handed to a serving thread.
-struct Accepted {
-    stream: std::net::TcpStream,
-    /// Its place under the connection limit.
-    permit: OwnedSemaphorePermit,
-    site: Arc<Active>,
-    /// Fires at shutdown or when the site is replaced.
-    stopped: CancellationToken,
-}
-
-/// Starts the serving threads of one listener.
-fn start_threads(shared: &Arc<Listener>, options: &ServeOptions) -> std::io::Result<Vec<Thread>> {
-    let count = options.threads.max(1);
-    let mut threads = Vec::with_capacity(count);
-    for index in 0..count {
-        let mut builder = tokio::runtime::Builder::new_current_thread();
-        builder.enable_all();
-        if let Some(on_park) = options.hooks.on_park.clone() {
-            builder.on_thread_park(move || on_park());
-        }
-        let runtime = builder.build()?;
-        let (queue, connections) = mpsc::unbounded_channel();
-        let load = Arc::new(AtomicUsize::new(0));
-        let (done, finished) = oneshot::channel::<()>();
-        let (shared, thread_load, hooks) = (shared.clone(), load.clone(), options.hooks.clone());
-        std::thread::Builder::new()
-            .name(format!("credproxy-{index}"))
-            .spawn(move || {
-                if let Some(on_start) = &hooks.on_start {
-                    on_start();
-                }
-                runtime.block_on(serve_thread(connections, shared, thread_load, count));
-                // Connections still open after the drain are closed with the runtime.
-                drop(runtime);
-                if let Some(on_stop) = &hooks.on_stop {
-                    on_stop();
-                }
-                drop(done);
-            })?;
-        threads.push(Thread {
-            queue,
-            load,
-            finished,
-        });
-    }
-    Ok(threads)
-}
-
-/// One serving thread: serves the connections handed to it until the accept loop goes, then
-/// waits at most `drain_timeout` for them to finish.
-async fn serve_thread(
-    mut connections: mpsc::UnboundedReceiver<Accepted>,
-    shared: Arc<Listener>,
-    load: Arc<AtomicUsize>,
-    threads: usize,
-) {
-    let tracker = TaskTracker::new();
-    // This thread's shard of the site it last served: upstream connections of its own.
-    let mut shard: Option<(Arc<Active>, Proxy)> = None;
-    while let Some(accepted) = connections.recv().await {
-        let Accepted {
-            stream,
-            permit,
-            site,
-            stopped,
-        } = accepted;
-        // Counted off this thread when the connection ends, however it ends.
-        let unload = Unload(load.clone());
-        let proxy = match &shard {
-            Some((served, proxy)) if Arc::ptr_eq(served, &site) => proxy.clone(),
-            _ => {
-                let proxy = site.proxy.shard(threads);
-                shard = Some((site.clone(), proxy.clone()));
-                proxy
-            }
-        };
-        let stream = match TcpStream::from_std(stream) {
-            Ok(stream) => stream,
-            Err(err) => {
-                tracing::warn!("cannot serve a connection: {err}");
-                continue;
-            }
-        };
-        let connection = serve_connection(stream, permit, shared.clone(), site, proxy, stopped);
-        tracker.spawn(async move {
-            connection.await;
-            drop(unload);
-        });
-    }
-    tracker.close();
-    if tokio::time::timeout(shared.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout reached; closing the remaining connections");
-    }
-}
-
-/// Takes one connection off a thread's load when dropped.
-struct Unload(Arc<AtomicUsize>);
-
-impl Drop for Unload {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -426,116 +275,23 @@ pub async fn accept_or_pause<T, F: Future<Output = std::io::Result<T>>>(
     }
 }
 
-/// Returns freed heap pages to the system each time no client has been connected for
-/// [`TRIM_AFTER_IDLE`]; never returns.
-async fn trim_when_idle(shared: &Listener) {
-    loop {
-        shared.idle.notified().await;
-        tokio::time::sleep(TRIM_AFTER_IDLE).await;
-        if shared.connected() == 0 {
-            crate::memory::trim();
-        }
-    }
-}
-
-/// What the requests of one client connection share: one reference-counted clone each.
-struct Client {
-    site: Arc<Active>,
-    /// The serving thread's shard of the site's proxy.
-    proxy: Proxy,
-    lane: Lane,
-}
-
-/// Serves one client connection until it closes, or until `stop` fires (shutdown, or its
-/// site was replaced) and its request in flight has been answered.
-async fn serve_connection(
-    stream: TcpStream,
-    permit: OwnedSemaphorePermit,
-    shared: Arc<Listener>,
-    site: Arc<Active>,
-    proxy: Proxy,
-    stop: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
-    let client = Arc::new(Client {
-        // This connection's upstream connection, driven on this task beside it.
-        lane: proxy.lane(),
-        proxy,
-        site,
-    });
-    let service = {
-        let client = client.clone();
-        service_fn(move |req| {
-            let client = client.clone();
-            async move {
-                let proxy = &client.proxy;
-                let response = match client.site.guards.check(req.headers()) {
-                    Ok(()) => proxy.handle(req, &client.lane).await,
-                    Err(refusal) => refuse(proxy, &req, &refusal),
-                };
-                Ok::<_, Infallible>(response)
-            }
-        })
-    };
-    let conn = shared
-        .builder
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
-    let served = async {
-        tokio::pin!(conn);
-        tokio::select! {
-            biased;
-            result = conn.as_mut() => result,
-            () = stop.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
-    };
-    if let Err(err) = client.lane.drive(served).await {
-        tracing::debug!("client connection ended: {err}");
-    }
-    client.lane.release();
-    drop(permit);
-    if shared.connected() == 0 {
-        shared.idle.notify_one();
-    }
-}
-
-/// The answer to a request the guards refused; nothing is forwarded.
-fn refuse<B>(
-    proxy: &Proxy,
-    req: &http::Request<B>,
-    refusal: &Refusal,
-) -> http::Response<crate::proxy::body::ResponseBody> {
-    let mut response = proxy.refuse(req, refusal.status(), refusal.code(), refusal.message());
-    if *refusal == Refusal::LocalAuth {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Basic realm=\"credproxy\", charset=\"UTF-8\""),
-        );
-    }
-    response
-}
-
-/// Answers a connection beyond the limit with a short 503 and closes it.
-async fn refuse_busy(mut stream: TcpStream) {
-    tracing::warn!("connection limit reached; refusing a client connection");
-    let _ = stream
-        .write_all(
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 46\r\n\r\ncredproxy: too many connections, retry later\n",
-        )
-        .await;
-    let _ = stream.shutdown().await;
+/// Answers a connection beyond a listener's limit with a short 503, if its socket takes it at
+/// once, and closes it (the stream drops): nothing waits on a client that floods the port.
+pub fn refuse_busy(stream: &TcpStream) {
+    let _ = stream.try_write(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 45\r\n\r\ncredproxy: too many connections, retry later\n",
+    );
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt;
+
     use super::*;
     use crate::credentials::Scheme;
     use crate::proxy::ProxySettings;
 
-    fn proxy_for(server: &str) -> Proxy {
+    pub(super) fn proxy_for(server: &str) -> Proxy {
         let profile = crate::config::Profile {
             name: "serve-test".to_owned(),
             server: crate::config::ServerUrl::parse(server).unwrap(),
@@ -571,63 +327,6 @@ mod tests {
         assert_eq!(accepted, "connection");
         assert_eq!(attempts, 4);
         assert_eq!(start.elapsed(), ACCEPT_PAUSE * 3);
-    }
-
-    #[tokio::test]
-    async fn connections_go_to_the_thread_serving_fewest() {
-        use tokio::io::AsyncReadExt;
-        let options = ServeOptions {
-            threads: 3,
-            ..ServeOptions::default()
-        };
-        let shared = Arc::new(Listener {
-            builder: http1::Builder::new(),
-            max_connections: 16,
-            slots: Arc::new(Semaphore::new(16)),
-            idle: Notify::new(),
-            drain_timeout: Duration::from_secs(5),
-        });
-        let threads = start_threads(&shared, &options).unwrap();
-        let stop = CancellationToken::new();
-        let site = Arc::new(Active::new(
-            &Site::new(proxy_for("https://immich.invalid")),
-            None,
-            &stop,
-        ));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut clients = Vec::new();
-        for count in 1..=7 {
-            let mut client = TcpStream::connect(addr).await.unwrap();
-            let (stream, _) = listener.accept().await.unwrap();
-            let permit = shared.slots.clone().try_acquire_owned().unwrap();
-            hand_out(&threads, stream, permit, &site);
-            // An answer means a thread has taken the connection (and keeps it open).
-            client
-                .write_all(b"GET / HTTP/1.1\r\nhost: elsewhere.example\r\n\r\n")
-                .await
-                .unwrap();
-            let mut head = [0u8; 12];
-            client.read_exact(&mut head).await.unwrap();
-            assert!(head.starts_with(b"HTTP/1.1 4"), "{head:?}");
-            clients.push(client);
-            let mut loads: Vec<usize> = threads
-                .iter()
-                .map(|t| t.load.load(Ordering::Relaxed))
-                .collect();
-            loads.sort_unstable();
-            assert_eq!(loads.iter().sum::<usize>(), count);
-            assert!(
-                loads[2] - loads[0] <= 1,
-                "{loads:?} after {count} connections"
-            );
-        }
-        drop(clients);
-        stop.cancel();
-        let finished: Vec<_> = threads.into_iter().map(|t| t.finished).collect();
-        for done in finished {
-            let _ = done.await;
-        }
     }
 
     #[tokio::test]
