@@ -103,8 +103,10 @@ async fn cloudflare_access_refusing_the_token_is_named_and_a_new_token_heals_the
     let answer = |token: &str| store.set("cf", &Secret::new(token.to_owned())).unwrap();
     answer("abc.access\nrevoked-secret");
     let source = Arc::new(StoreEntry::new(store.clone(), "cf"));
-    let credentials =
-        LiveCredentials::load(Scheme::CloudflareAccess, String::new(), source).unwrap();
+    // Read again at every rejected request (a second by default): no waiting on the clock.
+    let credentials = LiveCredentials::load(Scheme::CloudflareAccess, String::new(), source)
+        .unwrap()
+        .reread_every(std::time::Duration::ZERO);
     let proxy = Proxy::new(settings_for(&mock), credentials).unwrap();
     let running = start_site(Site::new(proxy), ServeOptions::default()).await;
 
@@ -122,14 +124,11 @@ async fn cloudflare_access_refusing_the_token_is_named_and_a_new_token_heals_the
 
     // A new token in the store: the rejected proxy reads it again by itself.
     answer("abc.access\nnew-secret");
-    let mut healed = false;
-    for _ in 0..100 {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        if get(running.addr, "/api/server/ping").await.0.status() == StatusCode::OK {
-            healed = true;
-            break;
-        }
-    }
-    assert!(healed, "the proxy never read the new token");
+    let (response, body) = get(running.addr, "/api/server/ping").await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the proxy did not read the new token: {body:?}"
+    );
     assert_eq!(mock.state.rejected.load(Ordering::SeqCst), 1);
 }

@@ -209,7 +209,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let mock = Mock::start().await;
     // The serving thread keeps real time: a short timeout keeps the test short.
     let options = ServeOptions {
-        header_read_timeout: Duration::from_secs(1),
+        header_read_timeout: Duration::from_millis(300),
         ..ServeOptions::default()
     };
     let proxy = start_proxy_with(settings_for(&mock), &mock.password, options).await;
@@ -222,7 +222,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest).await;
     assert!(
-        started.elapsed() >= Duration::from_secs(1),
+        started.elapsed() >= Duration::from_millis(300),
         "closed only after the timeout"
     );
     assert!(started.elapsed() < Duration::from_secs(60));
@@ -311,9 +311,9 @@ async fn connections_beyond_the_limit_get_a_clean_503_and_service_recovers() {
 async fn a_slow_but_progressing_upload_is_not_cut_by_any_timeout() {
     let mock = Mock::start().await;
     let mut settings = settings_for(&mock);
-    settings.idle_timeout = Duration::from_millis(1000);
+    settings.idle_timeout = Duration::from_millis(500);
     let options = ServeOptions {
-        header_read_timeout: Duration::from_millis(1000),
+        header_read_timeout: Duration::from_millis(500),
         ..ServeOptions::default()
     };
     let proxy = start_proxy_with(settings, &mock.password, options).await;
@@ -323,9 +323,9 @@ async fn a_slow_but_progressing_upload_is_not_cut_by_any_timeout() {
         proxy.addr
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    // 6 pieces 400 ms apart: 2.4 s in all, longer than both timeouts, never idle for either.
+    // 6 pieces 200 ms apart: 1.2 s in all, longer than both timeouts, never idle for either.
     for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         stream.write_all(&[b'x'; 1000]).await.unwrap();
     }
     let mut answer = Vec::new();

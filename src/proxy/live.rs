@@ -25,7 +25,8 @@ use crate::sync::lock;
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(5);
 /// The longest back-off between attempts with rejected credentials.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
-/// While the credentials are rejected or missing, the store is read again at most this often.
+/// While the credentials are rejected or missing, the store is read again at most this often
+/// (unless [`LiveCredentials::reread_every`] says otherwise).
 pub const REREAD_EVERY: Duration = Duration::from_secs(1);
 
 /// One profile's credentials, their session and their standing with the gate.
@@ -45,6 +46,8 @@ pub struct LiveCredentials {
     /// credentials; 0 before the first.
     accepted_at: AtomicU64,
     jar: SessionJar,
+    /// The least time between two reads while rejected or missing.
+    reread_every: Duration,
 }
 
 /// One set of credentials as read from the store (Debug shows no secret: the secret and
@@ -183,7 +186,15 @@ impl LiveCredentials {
             reading: tokio::sync::Mutex::new(()),
             accepted_at: AtomicU64::new(0),
             jar: SessionJar::new(),
+            reread_every: REREAD_EVERY,
         }
+    }
+
+    /// Reads the store again at most once per `every` while the credentials are rejected or
+    /// missing ([`REREAD_EVERY`] by default; tests use zero to see a new value at once).
+    pub fn reread_every(mut self, every: Duration) -> Self {
+        self.reread_every = every;
+        self
     }
 
     /// The auth scheme.
@@ -204,7 +215,7 @@ impl LiveCredentials {
     /// The credentials to send with the next request, or why it must not be sent.
     ///
     /// While they are rejected or missing, the store is read again first when the last
-    /// read is [`REREAD_EVERY`] old: new credentials end the back-off at once.
+    /// read is [`LiveCredentials::reread_every`] old: new credentials end the back-off at once.
     ///
     /// The answer borrows the credentials: hold it only while the request is rewritten
     /// (until then a replacement waits to be freed), and keep its [`Loaded::generation`]
@@ -325,7 +336,7 @@ impl LiveCredentials {
     fn read_due(&self) -> bool {
         lock(&self.state)
             .last_read
-            .is_none_or(|at| at.elapsed() >= REREAD_EVERY)
+            .is_none_or(|at| at.elapsed() >= self.reread_every)
     }
 
     /// Reads the store and, when it holds something else than what is loaded, uses that.
