@@ -36,8 +36,11 @@ fn run(command: &mut Command) -> Output {
     output
 }
 
-/// Builds the cdylib with `cargo build -p credproxy-mobile --lib` into the target directory
-/// and profile this test was built with, and returns its path as cargo reports it.
+/// Finds the cdylib the test build made, with the target directory and profile this test was
+/// built with, and returns its path as cargo reports it. The build asks for every workspace test
+/// and example, as `cargo nextest run --workspace` does, so features resolve as they did for
+/// this test and the build is a no-op; `-p credproxy-mobile --lib` alone resolves features of
+/// its own and compiles every dependency again (minutes on a fresh CI machine).
 fn build_cdylib() -> PathBuf {
     // <target-dir>/<profile-dir>/uniffi-bindgen
     let profile_dir = bindgen()
@@ -74,9 +77,9 @@ fn build_cdylib() -> PathBuf {
         .current_dir(workspace())
         .args([
             "build",
-            "-p",
-            "credproxy-mobile",
-            "--lib",
+            "--workspace",
+            "--tests",
+            "--examples",
             "--profile",
             profile,
         ])
@@ -90,7 +93,11 @@ fn build_cdylib() -> PathBuf {
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "credproxy_mobile")
+        .filter(|m| {
+            m["reason"] == "compiler-artifact"
+                && m["target"]["name"] == "credproxy_mobile"
+                && m["profile"]["test"] == false
+        })
         .flat_map(|m| m["filenames"].as_array().cloned().unwrap_or_default())
         .filter_map(|f| f.as_str().map(PathBuf::from))
         .find(|f| f.to_string_lossy().ends_with(suffix))
