@@ -65,6 +65,15 @@ pub struct ProfileEntry {
     /// The client certificate chain (PEM; not secret: its private key is in the keyring).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert: Option<String>,
+    /// A LAN address of the same server (`https://192.168.1.10:443`), used when it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan: Option<String>,
+    /// Key pins of a LAN front with a certificate of its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lan_pins: Vec<String>,
+    /// The CA (PEM) of a LAN front with a certificate of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lan_ca_cert: Option<PathBuf>,
 }
 
 /// A profile after validation: everything the rest of the code needs, in checked form.
@@ -90,6 +99,65 @@ pub struct Profile {
     pub allow_hosts: Vec<String>,
     /// The client certificate chain (PEM) presented to the server; its key is in the keyring.
     pub client_cert: Option<String>,
+    /// A LAN address of the same server, used while it answers (see [`LanRoute`]).
+    pub lan: Option<LanRoute>,
+}
+
+/// A LAN address of the profile's server: while it answers, requests go there instead of
+/// out through the uplink and back in through the public route.
+///
+/// Its certificate is checked as the public server's is (for the public name, with the
+/// profile's CA or pins) unless it has pins or a CA of its own: a host at that address on
+/// another network gets nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LanRoute {
+    /// Where to connect (`https://ADDRESS:PORT`; a LAN host name is looked up).
+    pub url: ServerUrl,
+    /// Key pins accepted from the LAN front instead of the public name's certificate.
+    pub pins: Vec<String>,
+    /// A CA whose certificate for the LAN host name or address is accepted instead.
+    pub ca_cert: Option<CaCert>,
+}
+
+impl LanRoute {
+    /// The LAN route of `--lan ADDRESS` (`192.168.1.10`, `192.168.1.10:8443`, `[fd00::2]`,
+    /// `nas.lan`, or an `https://` URL of one of these; the port defaults to 443), with its
+    /// own `pins` and `ca_cert`, if any. Plain `http://` is refused with the reason.
+    pub fn parse(address: &str, pins: &[String], ca_cert: Option<CaCert>) -> Result<Self> {
+        let address = address.trim();
+        let invalid = |reason: String| Error::Invalid {
+            what: "LAN address",
+            reason,
+        };
+        let scheme_end = address.find("://");
+        if let Some(end) = scheme_end
+            && !address[..end].eq_ignore_ascii_case("https")
+        {
+            return Err(invalid(format!(
+                "'{}' is not https: anything that answers at that address on another network (a café's Wi-Fi) would be sent your photos, your Immich API key and the gate's credentials; give the LAN address of the same HTTPS server, e.g. --lan 192.168.1.10 or --lan https://192.168.1.10:443",
+                redact_userinfo(address)
+            )));
+        }
+        let url = match scheme_end {
+            Some(_) => address.to_owned(),
+            None => format!("https://{address}"),
+        };
+        let url = ServerUrl::parse(&url).map_err(|err| match err {
+            Error::Invalid { reason, .. } => invalid(reason.replace(
+                "expected e.g. https://immich.example.com",
+                "expected e.g. 192.168.1.10, 192.168.1.10:8443 or https://nas.lan",
+            )),
+            other => other,
+        })?;
+        Ok(Self {
+            url,
+            pins: pins
+                .iter()
+                .map(|pin| validate_pin(pin))
+                .collect::<Result<_>>()?,
+            ca_cert,
+        })
+    }
 }
 
 impl Profile {
@@ -123,6 +191,14 @@ impl Profile {
                 .as_deref()
                 .map(validate_client_cert)
                 .transpose()?,
+            lan: match &entry.lan {
+                Some(address) => Some(LanRoute::parse(
+                    address,
+                    &entry.lan_pins,
+                    entry.lan_ca_cert.clone().map(CaCert::File),
+                )?),
+                None => None,
+            },
         })
     }
 
@@ -160,6 +236,15 @@ impl Profile {
         if self.listen != DEFAULT_LISTEN {
             flag("--listen", self.listen.to_string().into());
         }
+        if let Some(lan) = &self.lan {
+            flag("--lan", lan.url.to_string().into());
+            for pin in &lan.pins {
+                flag("--lan-pin", pin.as_str().into());
+            }
+            if let Some(CaCert::File(path)) = &lan.ca_cert {
+                flag("--lan-ca", path.to_string_lossy());
+            }
+        }
         words.join(" ")
     }
 
@@ -179,6 +264,16 @@ impl Profile {
             local_auth: self.local_auth,
             allow_hosts: self.allow_hosts.clone(),
             client_cert: self.client_cert.clone(),
+            lan: self.lan.as_ref().map(|lan| lan.url.to_string()),
+            lan_pins: self
+                .lan
+                .as_ref()
+                .map(|lan| lan.pins.clone())
+                .unwrap_or_default(),
+            lan_ca_cert: match self.lan.as_ref().and_then(|lan| lan.ca_cert.as_ref()) {
+                Some(CaCert::File(path)) => Some(path.clone()),
+                Some(CaCert::Pem(_)) | None => None,
+            },
         }
     }
 }
@@ -284,7 +379,19 @@ impl ServerUrl {
         if host.is_empty() {
             return Err(invalid("has no host"));
         }
-        let port = authority.port_u16().unwrap_or(443);
+        // `http` keeps a port it cannot read ("nas:notaport") as no port at all.
+        let port = match authority
+            .as_str()
+            .rsplit_once(':')
+            .filter(|(_, after)| !after.contains(']'))
+        {
+            None => 443,
+            Some((_, port)) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| invalid("has a port that is not a number from 1 to 65535"))?,
+        };
         let authority = if port == 443 {
             authority_for(&host, None)
         } else {
@@ -611,6 +718,9 @@ mod tests {
             "https://user:pw@immich.example.com",
             "https://immich.example.com/immich",
             "https://immich.example.com/?a=b",
+            "https://immich.example.com:https",
+            "https://immich.example.com:0",
+            "https://immich.example.com:70000",
             "not a url",
         ] {
             let err = ServerUrl::parse(bad).unwrap_err();
@@ -665,6 +775,7 @@ mod tests {
             local_auth: true,
             allow_hosts: vec!["photos.lan".into()],
             client_cert: None,
+            lan: None,
         };
         store
             .update(|file| {
@@ -809,6 +920,7 @@ mod tests {
             local_auth: false,
             allow_hosts: Vec::new(),
             client_cert: None,
+            lan: None,
         }
     }
 
@@ -844,6 +956,66 @@ mod tests {
         assert_eq!(
             profile(Scheme::Basic, "svc laptop").login_command(None),
             "credproxy login --profile home --server https://immich.example.com --username 'svc laptop'"
+        );
+    }
+
+    #[test]
+    fn lan_addresses_are_https_with_443_by_default_and_http_is_refused_with_the_reason() {
+        for (given, shown) in [
+            ("192.168.1.10", "https://192.168.1.10"),
+            ("192.168.1.10:8443", "https://192.168.1.10:8443"),
+            ("https://192.168.1.10:443", "https://192.168.1.10"),
+            ("[fd00::2]", "https://[fd00::2]"),
+            ("HTTPS://NAS.lan", "https://nas.lan"),
+        ] {
+            let lan = LanRoute::parse(given, &[], None).unwrap();
+            assert_eq!(lan.url.to_string(), shown, "{given}");
+        }
+        assert_eq!(
+            LanRoute::parse("192.168.1.10", &[], None)
+                .unwrap()
+                .url
+                .port(),
+            443
+        );
+        let err = LanRoute::parse("http://192.168.1.10", &[], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not https"), "{err}");
+        assert!(err.contains("API key"), "{err}");
+        let err = LanRoute::parse("ftp://user:secret@nas", &[], None)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secret"), "{err}");
+        for bad in ["192.168.1.10/photos", "https://", "nas:notaport"] {
+            let err = LanRoute::parse(bad, &[], None).unwrap_err().to_string();
+            assert!(err.contains("LAN address"), "{bad}: {err}");
+            assert!(err.contains("192.168.1.10"), "{bad}: {err}");
+        }
+        assert!(LanRoute::parse("192.168.1.10", &["sha256/nope".into()], None).is_err());
+    }
+
+    #[test]
+    fn a_lan_route_round_trips_through_the_file_and_the_login_command() {
+        let mut profile = profile(Scheme::Basic, "svc");
+        let pin = format!("sha256/{}", "A".repeat(43) + "=");
+        profile.lan = Some(
+            LanRoute::parse(
+                "192.168.1.10:8443",
+                std::slice::from_ref(&pin),
+                Some(CaCert::File("/etc/lan-ca.pem".into())),
+            )
+            .unwrap(),
+        );
+        let entry = profile.to_entry();
+        assert_eq!(entry.lan.as_deref(), Some("https://192.168.1.10:8443"));
+        assert_eq!(Profile::from_entry(&profile.name, &entry).unwrap(), profile);
+        let command = profile.login_command(None);
+        assert!(
+            command.contains(&format!(
+                "--lan https://192.168.1.10:8443 --lan-pin {pin} --lan-ca /etc/lan-ca.pem"
+            )),
+            "{command}"
         );
     }
 }

@@ -112,6 +112,7 @@ impl ProxyConfig {
             local_auth: self.local_auth,
             allow_hosts: Vec::new(),
             client_cert: None,
+            lan: None,
         };
         let identity = self.identity(&profile)?;
         let mut settings = ProxySettings::for_profile(&profile, self.fix_credentials_hint())

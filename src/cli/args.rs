@@ -88,6 +88,17 @@ pub struct LoginArgs {
     /// self-signed certificate needs no CA. Repeat for a key rollover.
     #[arg(long = "pin", value_name = "sha256/BASE64")]
     pub pins: Vec<String>,
+    /// A LAN address of the same server (192.168.1.10[:PORT], a LAN host name, or its https://
+    /// URL), used while it answers. Its certificate must be the server's, for the public name,
+    /// unless --lan-pin or --lan-ca say otherwise; plain http:// is refused.
+    #[arg(long, value_name = "ADDRESS")]
+    pub lan: Option<String>,
+    /// Accept this key pin from the LAN address (a LAN front with a certificate of its own).
+    #[arg(long = "lan-pin", value_name = "sha256/BASE64", requires = "lan")]
+    pub lan_pins: Vec<String>,
+    /// Accept a certificate for the LAN host name or address from this CA (PEM).
+    #[arg(long = "lan-ca", value_name = "PEM_FILE", requires = "lan")]
+    pub lan_ca: Option<PathBuf>,
 }
 
 /// Arguments of `serve`.

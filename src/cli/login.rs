@@ -31,6 +31,21 @@ pub async fn run(
         })?)),
         None => None,
     };
+    let lan = match &args.lan {
+        Some(address) => {
+            let ca = match &args.lan_ca {
+                Some(path) => Some(CaCert::File(std::path::absolute(path).map_err(|e| {
+                    Error::CaCert {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    }
+                })?)),
+                None => None,
+            };
+            Some(config::LanRoute::parse(address, &args.lan_pins, ca)?)
+        }
+        None => None,
+    };
     let scheme = Scheme::new(&args.auth, &args.headers)?;
     let username = match (&scheme, &args.username) {
         (Scheme::Basic, Some(name)) => config::validate_username(name)?,
@@ -62,6 +77,7 @@ pub async fn run(
         local_auth: false,
         allow_hosts: Vec::new(),
         client_cert: None,
+        lan,
     };
     let trust = TlsTrust::for_profile(&profile)?;
     let certificate = match &args.client_cert {

@@ -303,6 +303,7 @@ mod tests {
             local_auth: false,
             allow_hosts: Vec::new(),
             client_cert: None,
+            lan: None,
         };
         let settings = ProxySettings::for_profile(&profile, "credproxy login".into()).unwrap();
         Proxy::with_secret(settings, &Scheme::Basic, &Secret::new("pw".into())).unwrap()

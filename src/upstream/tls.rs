@@ -8,12 +8,12 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::config::{CaCert, Profile};
+use crate::config::{CaCert, LanRoute, Profile};
 use crate::credentials::ClientIdentity;
 use crate::error::{Error, Result};
 
@@ -26,6 +26,10 @@ pub struct TlsTrust {
     /// SHA-256 hashes of accepted server keys (SubjectPublicKeyInfo); when any are set, the
     /// server's key must match one of them, and a match is trusted without a CA (self-signed).
     pins: Vec<[u8; 32]>,
+    /// The name the certificate must be valid for, when it is not the name connected to (a
+    /// LAN front with a certificate of its own, reached under the public name); only the
+    /// extra CAs are trusted then.
+    verify_name: Option<ServerName<'static>>,
 }
 
 impl TlsTrust {
@@ -55,6 +59,42 @@ impl TlsTrust {
             })?;
         }
         Ok(trust)
+    }
+
+    /// The trust for a profile's LAN route: the LAN front's own pins, or its own CA for its
+    /// own name (the LAN host name or address), or else the profile's trust, for the public
+    /// name the connection is made under.
+    pub fn for_lan(profile: &Profile, lan: &LanRoute) -> Result<Self> {
+        if !lan.pins.is_empty() {
+            let mut trust = Self::default();
+            for pin in &lan.pins {
+                trust = trust.with_pin(pin).map_err(|reason| Error::Invalid {
+                    what: "LAN pin",
+                    reason,
+                })?;
+            }
+            return Ok(trust);
+        }
+        let Some(ca) = &lan.ca_cert else {
+            return Self::for_profile(profile);
+        };
+        let trust = match ca {
+            CaCert::File(path) => Self::default().with_ca_file(path)?,
+            CaCert::Pem(pem) => Self::default()
+                .with_ca_pem(pem.as_bytes())
+                .map_err(|reason| Error::Invalid {
+                    what: "LAN CA certificate",
+                    reason,
+                })?,
+        };
+        let name = ServerName::try_from(lan.url.host().to_owned()).map_err(|e| Error::Invalid {
+            what: "LAN address",
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            verify_name: Some(name),
+            ..trust
+        })
     }
 
     /// Also trusts every certificate in a PEM file (a homelab or test CA).
@@ -131,7 +171,24 @@ impl TlsTrust {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut config = if self.pins.is_empty() {
+        let mut config = if let Some(name) = &self.verify_name {
+            // Only the extra CAs, for the name they issue for.
+            let mut own = RootCertStore::empty();
+            for cert in &self.extra_roots {
+                own.add(cert.clone())
+                    .map_err(|e| Error::Tls(e.to_string()))?;
+            }
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(own), provider)
+                .build()
+                .map_err(|e| Error::Tls(e.to_string()))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NamedVerifier {
+                    name: name.clone(),
+                    webpki,
+                }))
+                .with_client_cert_resolver(auth.clone())
+        } else if self.pins.is_empty() {
             builder
                 .with_root_certificates(roots)
                 .with_client_cert_resolver(auth.clone())
@@ -288,7 +345,7 @@ impl ServerCertVerifier for PinnedVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
+        _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
@@ -304,6 +361,50 @@ impl ServerCertVerifier for PinnedVerifier {
                 base64::engine::general_purpose::STANDARD.encode(hash)
             )))
         }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// Verifies the certificate for a name of its own rather than the one connected under: a
+/// LAN front's certificate for its LAN name, reached with the public name as SNI.
+#[derive(Debug)]
+struct NamedVerifier {
+    name: ServerName<'static>,
+    webpki: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for NamedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(

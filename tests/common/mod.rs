@@ -66,6 +66,7 @@ pub fn profile_at(url: &str, username: &str, ca_pem: &str) -> Profile {
         local_auth: false,
         allow_hosts: Vec::new(),
         client_cert: None,
+        lan: None,
     }
 }
 
