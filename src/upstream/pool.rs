@@ -21,7 +21,6 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{CertificateRequest, Connector, Failure};
@@ -85,10 +84,14 @@ struct PoolInner<B> {
     origin: Uri,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<VecDeque<Idle<B>>>,
-    /// Wakes the reaper when the pool gains its first idle connection (or is dropped).
-    wake: Arc<Notify>,
-    reaper: std::sync::Once,
+    idle: Mutex<IdleSet<B>>,
+}
+
+/// The idle connections, oldest first, and whether a reaper is watching them.
+struct IdleSet<B> {
+    conns: VecDeque<Idle<B>>,
+    /// A reaper task runs while (and only while) there are idle connections.
+    reaping: bool,
 }
 
 struct Idle<B> {
@@ -111,7 +114,9 @@ pub struct WeakPool<B>(Weak<PoolInner<B>>);
 impl<B> WeakPool<B> {
     /// How many idle connections the pool holds now (none once it is gone).
     pub fn idle_count(&self) -> usize {
-        self.0.upgrade().map_or(0, |pool| lock(&pool.idle).len())
+        self.0
+            .upgrade()
+            .map_or(0, |pool| lock(&pool.idle).conns.len())
     }
 
     /// Whether the pool still exists.
@@ -135,9 +140,10 @@ impl<B: UpstreamBody> Pool<B> {
                 origin,
                 idle_timeout,
                 max_idle,
-                idle: Mutex::new(VecDeque::new()),
-                wake: Arc::new(Notify::new()),
-                reaper: std::sync::Once::new(),
+                idle: Mutex::new(IdleSet {
+                    conns: VecDeque::new(),
+                    reaping: false,
+                }),
             }),
         }
     }
@@ -152,7 +158,7 @@ impl<B: UpstreamBody> Pool<B> {
 
     /// How many idle connections the pool holds now.
     pub fn idle_count(&self) -> usize {
-        lock(&self.inner.idle).len()
+        lock(&self.inner.idle).conns.len()
     }
 }
 
@@ -160,7 +166,7 @@ impl<B: UpstreamBody> PoolInner<B> {
     /// The most recently used idle connection that is still open, if any.
     fn take_idle(&self) -> Option<(Sender<B>, Conn)> {
         loop {
-            let mut idle = lock(&self.idle).pop_back()?;
+            let mut idle = lock(&self.idle).conns.pop_back()?;
             if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
                 continue;
             }
@@ -194,57 +200,51 @@ impl<B: UpstreamBody> PoolInner<B> {
         if self.max_idle == 0 {
             return;
         }
-        {
-            let mut idle = lock(&self.idle);
-            idle.push_back(Idle {
-                sender,
-                conn,
-                since: Instant::now(),
-            });
-            while idle.len() > self.max_idle {
-                idle.pop_front();
-            }
-        }
-        self.reaper.call_once(|| {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(reap(Arc::downgrade(self), self.wake.clone()));
-            }
+        let mut idle = lock(&self.idle);
+        idle.conns.push_back(Idle {
+            sender,
+            conn,
+            since: Instant::now(),
         });
-        self.wake.notify_one();
+        while idle.conns.len() > self.max_idle {
+            idle.conns.pop_front();
+        }
+        if !idle.reaping
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            idle.reaping = true;
+            runtime.spawn(reap(Arc::downgrade(self)));
+        }
     }
 }
 
-impl<B> Drop for PoolInner<B> {
-    fn drop(&mut self) {
-        // Lets the reaper see that the pool is gone and end.
-        self.wake.notify_one();
-    }
-}
-
-/// Closes idle connections once they have been idle for the timeout; sleeps while there
-/// are none, and ends with the pool.
-async fn reap<B: UpstreamBody>(pool: Weak<PoolInner<B>>, wake: Arc<Notify>) {
+/// Closes idle connections once they have been idle for the timeout; ends when none is
+/// left (the next one parked starts another), or at its next deadline once the pool is gone.
+async fn reap<B: UpstreamBody>(pool: Weak<PoolInner<B>>) {
     loop {
-        let next = {
+        let deadline = {
             let Some(pool) = pool.upgrade() else { return };
             let now = Instant::now();
             let mut idle = lock(&pool.idle);
             while idle
+                .conns
                 .front()
                 .is_some_and(|i| i.since + pool.idle_timeout <= now)
             {
-                idle.pop_front();
+                idle.conns.pop_front();
             }
-            idle.front().map(|i| i.since + pool.idle_timeout)
+            match idle.conns.front() {
+                Some(oldest) => oldest.since + pool.idle_timeout,
+                None => {
+                    idle.reaping = false;
+                    drop(idle);
+                    // Nothing idle is left: give the connections' buffers back to the system.
+                    crate::memory::trim();
+                    return;
+                }
+            }
         };
-        match next {
-            Some(deadline) => tokio::time::sleep_until(deadline).await,
-            None => {
-                // Nothing idle is left: give the connections' buffers back to the system.
-                crate::memory::trim();
-                wake.notified().await;
-            }
-        }
+        tokio::time::sleep_until(deadline).await;
     }
 }
 
