@@ -4,11 +4,15 @@
 //! polls it from its own task, beside the client side ([`Lane::drive`]): a request is read,
 //! forwarded, answered and streamed back without handing anything to another task or thread.
 //! When the client leaves, a healthy upstream connection goes back to the [`Pool`] for the
-//! next client; idle ones there are closed after the idle timeout.
+//! next client; idle ones there are closed after the idle timeout by a reaper task that runs
+//! only while some are idle.
 //!
 //! A request that an upstream connection did not take (it had closed while idle, as servers
 //! do with keep-alive connections) is sent again on another one; a request that was written
 //! is never sent twice.
+//!
+//! Kept over hyper-util's pooled client for its A/B figure (bench/README.md): the same
+//! requests/s, about 2 MiB less peak memory and 5–8 % fewer instructions per request.
 
 use std::collections::VecDeque;
 use std::future::Future;
