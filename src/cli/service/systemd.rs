@@ -1,0 +1,416 @@
+//! The systemd user manager: the unit text for a profile, and install, uninstall and status
+//! through `systemctl --user`.
+
+use std::path::PathBuf;
+
+use super::runner::{Ran, Runner, call, describe, first_line};
+use super::{
+    Installed, ServiceSpec, ServiceStatus, Uninstalled, file_state, remove_file, write_file,
+};
+use crate::cli::{CliError, Result};
+use crate::error::Error;
+
+/// The systemd unit name of a profile's service, e.g. `credproxy-default.service`.
+pub fn systemd_unit_name(profile: &str) -> String {
+    format!("credproxy-{profile}.service")
+}
+
+/// Quotes one `ExecStart=` word: specifiers (`%`) and variables (`$`) escaped, quoted when
+/// it holds blanks, quotes or backslashes.
+fn systemd_word(word: &str) -> String {
+    let escaped = word.replace('%', "%%").replace('$', "$$");
+    if !escaped.is_empty() && !escaped.contains(|c: char| c.is_whitespace() || "\"'\\;".contains(c))
+    {
+        return escaped;
+    }
+    let mut quoted = String::with_capacity(escaped.len() + 2);
+    quoted.push('"');
+    for c in escaped.chars() {
+        if matches!(c, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// The systemd user unit that runs the profile's proxy, restarting it when it fails.
+pub fn systemd_unit(spec: &ServiceSpec) -> String {
+    let exec = spec
+        .command_line()
+        .iter()
+        .map(|word| systemd_word(word))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let profile = &spec.profile;
+    format!(
+        "\
+# Written by `credproxy service install --profile {profile}`: run it again after moving the
+# binary or the config file; remove with `credproxy service uninstall --profile {profile}`.
+[Unit]
+Description=credproxy: Authentik credentials for Immich (profile {profile})
+# Only some user managers have this target (it is a system unit); where it is missing these
+# lines do nothing and Restart= below covers a network that comes up late.
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=exec
+ExecStart={exec}
+# `systemctl --user reload`: read the config file and the credentials again, no restart.
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=5s
+# Hardening built on seccomp and no_new_privs only: user managers often cannot create the
+# namespaces that ProtectSystem=, ProtectHome=, PrivateTmp= or PrivateUsers= need, and
+# ProtectHome= would hide /run/user/UID/bus, PrivateNetwork= abstract-socket buses, and a
+# RestrictAddressFamilies= without AF_UNIX the session bus: the Secret Service lives there.
+NoNewPrivileges=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+RestrictNamespaces=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallErrorNumber=EPERM
+UMask=0077
+
+[Install]
+WantedBy=default.target
+"
+    )
+}
+
+/// The systemd user manager, driven through `systemctl --user`, with unit files in `dir`.
+pub struct Systemd<'a> {
+    /// Where unit files go, normally `$XDG_CONFIG_HOME/systemd/user`.
+    pub dir: PathBuf,
+    /// Runs `systemctl`.
+    pub runner: &'a dyn Runner,
+}
+
+impl<'a> Systemd<'a> {
+    /// The user's unit directory: `$XDG_CONFIG_HOME/systemd/user` (default `~/.config/...`).
+    pub fn from_env(runner: &'a dyn Runner) -> Result<Self> {
+        let dir = dirs::config_dir()
+            .ok_or(Error::NoConfigDir)?
+            .join("systemd")
+            .join("user");
+        Ok(Self { dir, runner })
+    }
+
+    fn systemctl(&self, args: &[&str]) -> std::result::Result<Ran, String> {
+        let mut all = vec!["--user", "--no-pager"];
+        all.extend_from_slice(args);
+        call(self.runner, "systemctl", &all)
+    }
+
+    /// Asks a one-word question (`is-active`, `is-enabled`) whose answer comes on stdout
+    /// whatever the exit status.
+    fn ask(&self, verb: &str, unit: &str) -> std::result::Result<String, String> {
+        match self
+            .runner
+            .run("systemctl", &["--user", "--no-pager", verb, unit])
+        {
+            Ok(ran) => first_line(&ran.stdout)
+                .ok_or_else(|| first_line(&ran.stderr).unwrap_or_else(|| "no answer".to_owned())),
+            Err(e) => Err(describe("systemctl", &e)),
+        }
+    }
+
+    /// Writes the unit, reloads the manager, enables the unit and (re)starts it, so a second
+    /// install picks up a new binary or config path.
+    pub fn install(&self, spec: &ServiceSpec) -> Result<Installed> {
+        let name = systemd_unit_name(&spec.profile);
+        let path = self.dir.join(&name);
+        write_file(&path, &systemd_unit(spec))?;
+        let steps: [&[&str]; 3] = [&["daemon-reload"], &["enable", &name], &["restart", &name]];
+        for step in steps {
+            self.systemctl(step)
+                .map_err(|detail| CliError::ServiceManager {
+                    done: format!("wrote {}", path.display()),
+                    command: format!("systemctl --user {}", step.join(" ")),
+                    detail,
+                    fix: format!(
+                        "the systemd user manager is reached over your login session's bus; from a \
+                     login session run `systemctl --user daemon-reload && systemctl --user enable \
+                     {name} && systemctl --user restart {name}`"
+                    ),
+                })?;
+        }
+        Ok(Installed {
+            logs: format!("journalctl --user -u {name}"),
+            name,
+            path,
+        })
+    }
+
+    /// Stops and disables the unit and removes its file; an unreachable manager is a warning,
+    /// since nothing can start the unit once its file is gone.
+    pub fn uninstall(&self, profile: &str) -> Result<Uninstalled> {
+        let name = systemd_unit_name(profile);
+        let path = self.dir.join(&name);
+        let had_file = path.exists();
+        let stopped = self.systemctl(&["disable", "--now", &name]);
+        if !had_file && stopped.is_err() {
+            return Err(CliError::ServiceNotInstalled {
+                profile: profile.to_owned(),
+                path,
+            });
+        }
+        remove_file(&path)?;
+        // `disable` removes this link; do it ourselves when the manager could not.
+        remove_file(&self.dir.join("default.target.wants").join(&name))?;
+        let reloaded = self.systemctl(&["daemon-reload"]);
+        let warning = match stopped.and(reloaded) {
+            Ok(_) => None,
+            Err(detail) => Some(format!(
+                "could not reach the systemd user manager ({detail}); if the proxy still runs, \
+                 from a login session run `systemctl --user stop {name} && systemctl --user \
+                 daemon-reload`"
+            )),
+        };
+        Ok(Uninstalled {
+            name,
+            path,
+            warning,
+        })
+    }
+
+    /// Reports whether the unit file is current and whether the manager has it enabled and
+    /// active.
+    pub fn status(&self, spec: &ServiceSpec) -> Result<ServiceStatus> {
+        let name = systemd_unit_name(&spec.profile);
+        let path = self.dir.join(&name);
+        let file = file_state(&path, &systemd_unit(spec))?;
+        let state = self
+            .ask("is-enabled", &name)
+            .and_then(|enabled| Ok(format!("{enabled}, {}", self.ask("is-active", &name)?)));
+        let running = matches!(&state, Ok(s) if s.ends_with(", active"));
+        Ok(ServiceStatus {
+            logs: format!("journalctl --user -u {name}"),
+            name,
+            path,
+            file,
+            state,
+            running,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::service::FileState;
+    use crate::cli::service::runner::fake::{Fake, fail, ok};
+    use crate::cli::service::tests::spec;
+    use std::io;
+    use std::path::Path;
+
+    #[test]
+    fn unit_runs_serve_with_absolute_paths_quoted_and_escaped() {
+        let unit = systemd_unit(&spec());
+        assert!(unit.contains(
+            "\nExecStart=\"/opt/cred proxy/credproxy\" --config \
+             \"/home/u/.config/credproxy/100%%$$HOME \\\"q\\\".toml\" serve --profile work\n"
+        ));
+        for line in [
+            "Restart=on-failure",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+            "After=network-online.target",
+            "Wants=network-online.target",
+            "WantedBy=default.target",
+            "NoNewPrivileges=yes",
+        ] {
+            assert!(unit.lines().any(|l| l == line), "{line}");
+        }
+        // Directives that would cut the proxy off the session bus (and so the keyring) or
+        // need namespaces a user manager may lack.
+        for forbidden in [
+            "ProtectHome=",
+            "PrivateNetwork=",
+            "PrivateUsers=",
+            "PrivateTmp=",
+            "ProtectSystem=",
+        ] {
+            assert!(
+                !unit.lines().any(|l| l.starts_with(forbidden)),
+                "{forbidden}"
+            );
+        }
+        let families = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("RestrictAddressFamilies="))
+            .unwrap();
+        assert!(families.split(' ').any(|f| f == "AF_UNIX"));
+    }
+
+    #[test]
+    fn plain_words_stay_unquoted() {
+        assert_eq!(systemd_word("/usr/bin/credproxy"), "/usr/bin/credproxy");
+        assert_eq!(systemd_word("a b"), "\"a b\"");
+        assert_eq!(systemd_word("back\\slash"), "\"back\\\\slash\"");
+        assert_eq!(systemd_word(""), "\"\"");
+    }
+
+    #[test]
+    fn install_writes_reloads_enables_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::default();
+        let systemd = Systemd {
+            dir: dir.path().join("systemd/user"),
+            runner: &fake,
+        };
+        let installed = systemd.install(&spec()).unwrap();
+        assert_eq!(installed.name, "credproxy-work.service");
+        assert_eq!(
+            std::fs::read_to_string(&installed.path).unwrap(),
+            systemd_unit(&spec())
+        );
+        assert_eq!(
+            *fake.calls.borrow(),
+            [
+                "systemctl --user --no-pager daemon-reload",
+                "systemctl --user --no-pager enable credproxy-work.service",
+                "systemctl --user --no-pager restart credproxy-work.service",
+            ]
+        );
+    }
+
+    #[test]
+    fn install_without_a_user_manager_keeps_the_file_and_says_what_to_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::default().answer(fail("", "Failed to connect to bus: No medium found\n"));
+        let systemd = Systemd {
+            dir: dir.path().to_owned(),
+            runner: &fake,
+        };
+        let message = systemd.install(&spec()).unwrap_err().to_string();
+        assert!(dir.path().join("credproxy-work.service").exists());
+        assert!(message.contains("No medium found"), "{message}");
+        assert!(
+            message.contains("systemctl --user enable credproxy-work.service"),
+            "{message}"
+        );
+        assert_eq!(fake.calls.borrow().len(), 1, "stops at the first failure");
+    }
+
+    #[test]
+    fn missing_systemctl_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::default().answer(Err(io::ErrorKind::NotFound.into()));
+        let systemd = Systemd {
+            dir: dir.path().to_owned(),
+            runner: &fake,
+        };
+        let message = systemd.install(&spec()).unwrap_err().to_string();
+        assert!(message.contains("systemctl is not installed"), "{message}");
+    }
+
+    #[test]
+    fn uninstall_disables_removes_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::default();
+        let systemd = Systemd {
+            dir: dir.path().to_owned(),
+            runner: &fake,
+        };
+        systemd.install(&spec()).unwrap();
+        fake.calls.borrow_mut().clear();
+        let done = systemd.uninstall("work").unwrap();
+        assert!(!done.path.exists());
+        assert_eq!(done.warning, None);
+        assert_eq!(
+            *fake.calls.borrow(),
+            [
+                "systemctl --user --no-pager disable --now credproxy-work.service",
+                "systemctl --user --no-pager daemon-reload",
+            ]
+        );
+        // Nothing left: a second uninstall says so.
+        let fake =
+            Fake::default().answer(fail("", "Unit file credproxy-work.service does not exist."));
+        let systemd = Systemd {
+            dir: dir.path().to_owned(),
+            runner: &fake,
+        };
+        assert!(matches!(
+            systemd.uninstall("work"),
+            Err(CliError::ServiceNotInstalled { .. })
+        ));
+    }
+
+    #[test]
+    fn uninstall_without_a_manager_removes_the_file_and_the_link_and_warns() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("credproxy-work.service"), "x").unwrap();
+        let wants = dir.path().join("default.target.wants");
+        std::fs::create_dir(&wants).unwrap();
+        std::fs::write(wants.join("credproxy-work.service"), "x").unwrap();
+        let fake = Fake::default()
+            .answer(fail("", "Failed to connect to bus"))
+            .answer(fail("", "Failed to connect to bus"));
+        let systemd = Systemd {
+            dir: dir.path().to_owned(),
+            runner: &fake,
+        };
+        let done = systemd.uninstall("work").unwrap();
+        assert!(!done.path.exists());
+        assert!(!wants.join("credproxy-work.service").exists());
+        assert!(done.warning.unwrap().contains("Failed to connect to bus"));
+    }
+
+    #[test]
+    fn status_reads_the_answers_whatever_the_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Fake::default();
+        let systemd = Systemd {
+            dir: dir.path().to_owned(),
+            runner: &fake,
+        };
+        systemd.install(&spec()).unwrap();
+        let fake = Fake::default()
+            .answer(ok("enabled\n"))
+            .answer(fail("inactive\n", ""));
+        let systemd = Systemd {
+            dir: dir.path().to_owned(),
+            runner: &fake,
+        };
+        let status = systemd.status(&spec()).unwrap();
+        assert_eq!(status.file, FileState::Current);
+        assert_eq!(status.state, Ok("enabled, inactive".to_owned()));
+        assert!(!status.running);
+
+        let other = ServiceSpec::new(
+            "work",
+            Path::new("/usr/bin/credproxy"),
+            Path::new("/c.toml"),
+        )
+        .unwrap();
+        let fake = Fake::default()
+            .answer(ok("enabled\n"))
+            .answer(ok("active\n"));
+        let systemd = Systemd {
+            dir: dir.path().to_owned(),
+            runner: &fake,
+        };
+        let status = systemd.status(&other).unwrap();
+        assert_eq!(status.file, FileState::Stale);
+        assert!(status.running);
+
+        let fake = Fake::default().answer(fail("", "Failed to connect to bus: No medium found"));
+        let systemd = Systemd {
+            dir: dir.path().to_owned(),
+            runner: &fake,
+        };
+        let status = systemd.status(&spec()).unwrap();
+        assert_eq!(
+            status.state,
+            Err("Failed to connect to bus: No medium found".to_owned())
+        );
+        assert!(!status.running);
+    }
+}
