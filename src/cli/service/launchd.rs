@@ -116,6 +116,7 @@ impl<'a> Launchd<'a> {
             name: label,
             path,
             logs: log_text,
+            note: None,
         })
     }
 
@@ -132,7 +133,7 @@ impl<'a> Launchd<'a> {
         }
         Ok(Uninstalled {
             name: label,
-            path,
+            path: Some(path),
             warning: None,
         })
     }

@@ -20,7 +20,9 @@ use crate::error::Error;
 
 pub use self::launchd::{Launchd, launchd_label, launchd_plist};
 pub use self::runner::{MANAGER_TIMEOUT, Ran, Runner, SystemRunner};
-pub use self::systemd::{Systemd, systemd_unit, systemd_unit_name};
+pub use self::systemd::{
+    PACKAGED_TEMPLATE, Systemd, packaged_unit_name, systemd_unit, systemd_unit_name,
+};
 
 /// What a service runs: `credproxy --config CONFIG serve --profile PROFILE`, all validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +30,7 @@ pub struct ServiceSpec {
     profile: String,
     exe: String,
     config: String,
+    default_config: bool,
 }
 
 impl ServiceSpec {
@@ -37,7 +40,15 @@ impl ServiceSpec {
             profile: config::validate_profile_name(profile)?,
             exe: service_path("executable path", exe)?,
             config: service_path("config file path", config)?,
+            default_config: false,
         })
+    }
+
+    /// Records whether the config file is the one credproxy finds by itself, without
+    /// `--config`: only then may the package's unit, which names none, serve the profile.
+    pub fn with_default_config(mut self, is_default: bool) -> Self {
+        self.default_config = is_default;
+        self
     }
 
     /// The profile the service serves.
@@ -87,6 +98,8 @@ pub enum FileState {
     Current,
     /// The file differs (another binary or config path, or an older credproxy).
     Stale,
+    /// No file of credproxy's own: the package's unit template serves the profile.
+    Packaged,
 }
 
 /// What `install` did.
@@ -94,10 +107,12 @@ pub enum FileState {
 pub struct Installed {
     /// The unit name or launchd label.
     pub name: String,
-    /// The file written.
+    /// The file written, or the package's unit that now serves the profile.
     pub path: PathBuf,
     /// Where the service's log goes, as a command or a path.
     pub logs: String,
+    /// What the user should know about the choice made (the package's unit, or why not).
+    pub note: Option<String>,
 }
 
 /// What `uninstall` did.
@@ -105,8 +120,8 @@ pub struct Installed {
 pub struct Uninstalled {
     /// The unit name or launchd label.
     pub name: String,
-    /// The file removed.
-    pub path: PathBuf,
+    /// The file removed; none when only the package's unit was disabled (it stays installed).
+    pub path: Option<PathBuf>,
     /// Something the user may still have to do by hand.
     pub warning: Option<String>,
 }
@@ -208,7 +223,11 @@ fn service_spec(config: &ConfigStore, profile: &str) -> Result<ServiceSpec> {
         what: "config file path",
         reason: format!("{}: {e}", config.path().display()),
     })?;
-    ServiceSpec::new(profile, &exe, &config_path)
+    let default = ConfigStore::locate(None)
+        .ok()
+        .and_then(|store| std::path::absolute(store.path()).ok());
+    Ok(ServiceSpec::new(profile, &exe, &config_path)?
+        .with_default_config(default.as_deref() == Some(config_path.as_path())))
 }
 
 /// `service install|uninstall|status`: the profile's proxy as a service started at logon.
@@ -225,16 +244,25 @@ pub fn run(config: &ConfigStore, action: ServiceAction) -> Result<()> {
                 installed.path.display(),
                 installed.logs
             );
+            if let Some(note) = installed.note {
+                eprintln!("credproxy: {note}");
+            }
             Ok(())
         }
         ServiceAction::Uninstall(args) => {
             let name = config::validate_profile_name(&args.profile)?;
             let removed = uninstall(&name)?;
-            eprintln!(
-                "credproxy: stopped {} and removed {}",
-                removed.name,
-                removed.path.display()
-            );
+            match &removed.path {
+                Some(path) => eprintln!(
+                    "credproxy: stopped {} and removed {}",
+                    removed.name,
+                    path.display()
+                ),
+                None => eprintln!(
+                    "credproxy: stopped and disabled {} (the package's unit stays installed)",
+                    removed.name
+                ),
+            }
             if let Some(warning) = removed.warning {
                 eprintln!("credproxy: warning: {warning}");
             }
@@ -249,6 +277,7 @@ pub fn run(config: &ConfigStore, action: ServiceAction) -> Result<()> {
                 FileState::Stale => {
                     "installed, but for another binary or config file: run `credproxy service install` again"
                 }
+                FileState::Packaged => "the package's unit",
             };
             let state = match &status.state {
                 Ok(state) => state.clone(),
@@ -266,13 +295,21 @@ pub fn run(config: &ConfigStore, action: ServiceAction) -> Result<()> {
                     path: status.path,
                 })
             } else if !status.running {
+                let fix = if status.file == FileState::Packaged {
+                    format!(
+                        "start it with `systemctl --user enable --now {}` (or `credproxy service install --profile {name}`); see why it stopped in `{}`",
+                        status.name, status.logs
+                    )
+                } else {
+                    format!(
+                        "see why in `{}`; start it with `credproxy service install --profile {name}`",
+                        status.logs
+                    )
+                };
                 Err(CliError::ServiceNotRunning {
                     name: status.name,
                     state,
-                    fix: format!(
-                        "see why in `{}`; start it with `credproxy service install --profile {name}`",
-                        status.logs
-                    ),
+                    fix,
                 })
             } else {
                 Ok(())

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use super::runner::{Ran, Runner, call, describe, first_line};
 use super::{
-    Installed, ServiceSpec, ServiceStatus, Uninstalled, file_state, remove_file, write_file,
+    FileState, Installed, ServiceSpec, ServiceStatus, Uninstalled, file_state, remove_file,
+    write_file,
 };
 use crate::cli::{CliError, Result};
 use crate::error::Error;
@@ -84,10 +85,20 @@ WantedBy=default.target
     )
 }
 
+/// Where the Debian package installs its unit template (instance = profile).
+pub const PACKAGED_TEMPLATE: &str = "/usr/lib/systemd/user/credproxy@.service";
+
+/// The unit a profile gets from the package's template, e.g. `credproxy@default.service`.
+pub fn packaged_unit_name(profile: &str) -> String {
+    format!("credproxy@{profile}.service")
+}
+
 /// The systemd user manager, driven through `systemctl --user`, with unit files in `dir`.
 pub struct Systemd<'a> {
     /// Where unit files go, normally `$XDG_CONFIG_HOME/systemd/user`.
     pub dir: PathBuf,
+    /// The package's unit template, normally [`PACKAGED_TEMPLATE`]; absent without the package.
+    pub packaged: PathBuf,
     /// Runs `systemctl`.
     pub runner: &'a dyn Runner,
 }
@@ -99,7 +110,11 @@ impl<'a> Systemd<'a> {
             .ok_or(Error::NoConfigDir)?
             .join("systemd")
             .join("user");
-        Ok(Self { dir, runner })
+        Ok(Self {
+            dir,
+            packaged: PathBuf::from(PACKAGED_TEMPLATE),
+            runner,
+        })
     }
 
     fn systemctl(&self, args: &[&str]) -> std::result::Result<Ran, String> {
@@ -121,39 +136,143 @@ impl<'a> Systemd<'a> {
         }
     }
 
-    /// Writes the unit, reloads the manager, enables the unit and (re)starts it, so a second
-    /// install picks up a new binary or config path.
+    /// The program the package's template runs, when the package is installed.
+    fn packaged_program(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.packaged).ok()?;
+        let exec = text
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("ExecStart="))?;
+        exec.split_whitespace().next().map(str::to_owned)
+    }
+
+    /// Whether the package's template can serve `spec` as it stands: same binary, and the
+    /// default config file (the template names none).
+    fn template_serves(&self, spec: &ServiceSpec) -> bool {
+        spec.default_config && self.packaged_program().as_deref() == Some(spec.exe.as_str())
+    }
+
+    /// Enables and (re)starts the profile's service: the package's unit when it runs this
+    /// binary on the default config (so upgrades of the package carry it), else a unit of
+    /// credproxy's own for this binary and config file. Either way the other one is stopped:
+    /// two proxies for one profile would fight over its port.
     pub fn install(&self, spec: &ServiceSpec) -> Result<Installed> {
+        if self.template_serves(spec) {
+            return self.install_packaged(spec);
+        }
         let name = systemd_unit_name(&spec.profile);
         let path = self.dir.join(&name);
         write_file(&path, &systemd_unit(spec))?;
-        let steps: [&[&str]; 3] = [&["daemon-reload"], &["enable", &name], &["restart", &name]];
-        for step in steps {
-            self.systemctl(step)
-                .map_err(|detail| CliError::ServiceManager {
-                    done: format!("wrote {}", path.display()),
-                    command: format!("systemctl --user {}", step.join(" ")),
-                    detail,
-                    fix: format!(
-                        "the systemd user manager is reached over your login session's bus; from a \
-                     login session run `systemctl --user daemon-reload && systemctl --user enable \
-                     {name} && systemctl --user restart {name}`"
-                    ),
-                })?;
+        let packaged = self
+            .packaged
+            .exists()
+            .then(|| packaged_unit_name(&spec.profile));
+        let mut steps: Vec<Vec<&str>> = vec![vec!["daemon-reload"]];
+        if let Some(instance) = &packaged {
+            steps.push(vec!["disable", "--now", instance]);
         }
+        steps.push(vec!["enable", &name]);
+        steps.push(vec!["restart", &name]);
+        self.run_steps(&steps, &format!("wrote {}", path.display()), || {
+            format!(
+                "the systemd user manager is reached over your login session's bus; from a \
+                 login session run `systemctl --user daemon-reload && systemctl --user enable \
+                 {name} && systemctl --user restart {name}`"
+            )
+        })?;
+        let note = packaged.map(|instance| {
+            format!(
+                "the package's unit {instance} was not used: it runs {} on the default config \
+                 file, this service runs {} with {}",
+                self.packaged_program().unwrap_or_default(),
+                spec.exe,
+                spec.config
+            )
+        });
         Ok(Installed {
             logs: format!("journalctl --user -u {name}"),
             name,
             path,
+            note,
         })
     }
 
-    /// Stops and disables the unit and removes its file; an unreachable manager is a warning,
-    /// since nothing can start the unit once its file is gone.
+    /// `install` through the package's template: removes a unit credproxy wrote earlier for
+    /// the profile, then enables and (re)starts `credproxy@PROFILE`.
+    fn install_packaged(&self, spec: &ServiceSpec) -> Result<Installed> {
+        let instance = packaged_unit_name(&spec.profile);
+        let own_name = systemd_unit_name(&spec.profile);
+        let own = self.dir.join(&own_name);
+        let mut done = "nothing changed".to_owned();
+        let mut steps: Vec<Vec<&str>> = Vec::new();
+        if own.exists() {
+            // Stopped before its file goes, so the manager still knows what to stop; a
+            // manager that cannot be reached fails the enable below with the fix.
+            let _ = self.systemctl(&["disable", "--now", &own_name]);
+            remove_file(&own)?;
+            remove_file(&self.dir.join("default.target.wants").join(&own_name))?;
+            done = format!("removed the earlier unit {}", own.display());
+            steps.push(vec!["daemon-reload"]);
+        }
+        steps.push(vec!["enable", &instance]);
+        steps.push(vec!["restart", &instance]);
+        self.run_steps(&steps, &done, || {
+            format!(
+                "the systemd user manager is reached over your login session's bus; from a \
+                 login session run `systemctl --user enable --now {instance}`"
+            )
+        })?;
+        Ok(Installed {
+            logs: format!("journalctl --user -u {instance}"),
+            note: Some(format!(
+                "this is the package's unit, the same as `systemctl --user enable --now {instance}`"
+            )),
+            name: instance,
+            path: self.packaged.clone(),
+        })
+    }
+
+    /// Runs `systemctl --user` steps in order, stopping at the first failure with `fix`.
+    fn run_steps(&self, steps: &[Vec<&str>], done: &str, fix: impl Fn() -> String) -> Result<()> {
+        for step in steps {
+            self.systemctl(step)
+                .map_err(|detail| CliError::ServiceManager {
+                    done: done.to_owned(),
+                    command: format!("systemctl --user {}", step.join(" ")),
+                    detail,
+                    fix: fix(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Stops and disables the profile's service: the package's unit if it is enabled, and
+    /// credproxy's own unit, whose file goes too. An unreachable manager is only a warning
+    /// for the own unit, since nothing can start it once its file is gone.
     pub fn uninstall(&self, profile: &str) -> Result<Uninstalled> {
         let name = systemd_unit_name(profile);
         let path = self.dir.join(&name);
         let had_file = path.exists();
+        if self.packaged.exists() {
+            let instance = packaged_unit_name(profile);
+            if self.ask("is-enabled", &instance).as_deref() == Ok("enabled") {
+                self.systemctl(&["disable", "--now", &instance])
+                    .map_err(|detail| CliError::ServiceManager {
+                        done: "nothing changed".to_owned(),
+                        command: format!("systemctl --user disable --now {instance}"),
+                        detail,
+                        fix: format!(
+                            "from a login session run `systemctl --user disable --now {instance}`"
+                        ),
+                    })?;
+                if !had_file {
+                    return Ok(Uninstalled {
+                        name: instance,
+                        path: None,
+                        warning: None,
+                    });
+                }
+            }
+        }
         let stopped = self.systemctl(&["disable", "--now", &name]);
         if !had_file && stopped.is_err() {
             return Err(CliError::ServiceNotInstalled {
@@ -175,17 +294,24 @@ impl<'a> Systemd<'a> {
         };
         Ok(Uninstalled {
             name,
-            path,
+            path: Some(path),
             warning,
         })
     }
 
     /// Reports whether the unit file is current and whether the manager has it enabled and
-    /// active.
+    /// active: credproxy's own unit when there is one, else the package's for the profile.
     pub fn status(&self, spec: &ServiceSpec) -> Result<ServiceStatus> {
-        let name = systemd_unit_name(&spec.profile);
-        let path = self.dir.join(&name);
-        let file = file_state(&path, &systemd_unit(spec))?;
+        let own_name = systemd_unit_name(&spec.profile);
+        let own = self.dir.join(&own_name);
+        let (name, path, file) = match file_state(&own, &systemd_unit(spec))? {
+            FileState::Missing if self.packaged.exists() => (
+                packaged_unit_name(&spec.profile),
+                self.packaged.clone(),
+                FileState::Packaged,
+            ),
+            file => (own_name, own, file),
+        };
         let state = self
             .ask("is-enabled", &name)
             .and_then(|enabled| Ok(format!("{enabled}, {}", self.ask("is-active", &name)?)));
@@ -204,7 +330,6 @@ impl<'a> Systemd<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::service::FileState;
     use crate::cli::service::runner::fake::{Fake, fail, ok};
     use crate::cli::service::tests::spec;
     use std::io;
@@ -262,6 +387,7 @@ mod tests {
         let fake = Fake::default();
         let systemd = Systemd {
             dir: dir.path().join("systemd/user"),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         let installed = systemd.install(&spec()).unwrap();
@@ -286,6 +412,7 @@ mod tests {
         let fake = Fake::default().answer(fail("", "Failed to connect to bus: No medium found\n"));
         let systemd = Systemd {
             dir: dir.path().to_owned(),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         let message = systemd.install(&spec()).unwrap_err().to_string();
@@ -304,6 +431,7 @@ mod tests {
         let fake = Fake::default().answer(Err(io::ErrorKind::NotFound.into()));
         let systemd = Systemd {
             dir: dir.path().to_owned(),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         let message = systemd.install(&spec()).unwrap_err().to_string();
@@ -316,12 +444,13 @@ mod tests {
         let fake = Fake::default();
         let systemd = Systemd {
             dir: dir.path().to_owned(),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         systemd.install(&spec()).unwrap();
         fake.calls.borrow_mut().clear();
         let done = systemd.uninstall("work").unwrap();
-        assert!(!done.path.exists());
+        assert!(!done.path.unwrap().exists());
         assert_eq!(done.warning, None);
         assert_eq!(
             *fake.calls.borrow(),
@@ -335,6 +464,7 @@ mod tests {
             Fake::default().answer(fail("", "Unit file credproxy-work.service does not exist."));
         let systemd = Systemd {
             dir: dir.path().to_owned(),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         assert!(matches!(
@@ -355,10 +485,11 @@ mod tests {
             .answer(fail("", "Failed to connect to bus"));
         let systemd = Systemd {
             dir: dir.path().to_owned(),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         let done = systemd.uninstall("work").unwrap();
-        assert!(!done.path.exists());
+        assert!(!done.path.unwrap().exists());
         assert!(!wants.join("credproxy-work.service").exists());
         assert!(done.warning.unwrap().contains("Failed to connect to bus"));
     }
@@ -369,6 +500,7 @@ mod tests {
         let fake = Fake::default();
         let systemd = Systemd {
             dir: dir.path().to_owned(),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         systemd.install(&spec()).unwrap();
@@ -377,6 +509,7 @@ mod tests {
             .answer(fail("inactive\n", ""));
         let systemd = Systemd {
             dir: dir.path().to_owned(),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         let status = systemd.status(&spec()).unwrap();
@@ -395,6 +528,7 @@ mod tests {
             .answer(ok("active\n"));
         let systemd = Systemd {
             dir: dir.path().to_owned(),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         let status = systemd.status(&other).unwrap();
@@ -404,6 +538,7 @@ mod tests {
         let fake = Fake::default().answer(fail("", "Failed to connect to bus: No medium found"));
         let systemd = Systemd {
             dir: dir.path().to_owned(),
+            packaged: dir.path().join("no-package/credproxy@.service"),
             runner: &fake,
         };
         let status = systemd.status(&spec()).unwrap();
@@ -412,5 +547,191 @@ mod tests {
             Err("Failed to connect to bus: No medium found".to_owned())
         );
         assert!(!status.running);
+    }
+
+    /// A home with the package's template installed, and the spec of the packaged binary
+    /// on the default config.
+    fn packaged_home() -> (tempfile::TempDir, PathBuf, ServiceSpec) {
+        let dir = tempfile::tempdir().unwrap();
+        let template = dir.path().join("usr-lib/credproxy@.service");
+        std::fs::create_dir_all(template.parent().unwrap()).unwrap();
+        std::fs::write(
+            &template,
+            "[Service]\nExecStart=/usr/bin/credproxy serve --profile %i\n",
+        )
+        .unwrap();
+        let spec = ServiceSpec::new(
+            "work",
+            Path::new("/usr/bin/credproxy"),
+            Path::new("/home/u/.config/credproxy/config.toml"),
+        )
+        .unwrap()
+        .with_default_config(true);
+        (dir, template, spec)
+    }
+
+    #[test]
+    fn install_of_the_packaged_binary_enables_the_package_unit_and_drops_an_older_own_one() {
+        let (dir, template, spec) = packaged_home();
+        let units = dir.path().join("systemd/user");
+        std::fs::create_dir_all(units.join("default.target.wants")).unwrap();
+        std::fs::write(units.join("credproxy-work.service"), "old").unwrap();
+        std::fs::write(
+            units.join("default.target.wants/credproxy-work.service"),
+            "old",
+        )
+        .unwrap();
+        let fake = Fake::default();
+        let systemd = Systemd {
+            dir: units.clone(),
+            packaged: template.clone(),
+            runner: &fake,
+        };
+        let installed = systemd.install(&spec).unwrap();
+        assert_eq!(installed.name, "credproxy@work.service");
+        assert_eq!(installed.path, template);
+        assert!(
+            installed
+                .note
+                .unwrap()
+                .contains("systemctl --user enable --now credproxy@work.service")
+        );
+        assert_eq!(
+            *fake.calls.borrow(),
+            [
+                "systemctl --user --no-pager disable --now credproxy-work.service",
+                "systemctl --user --no-pager daemon-reload",
+                "systemctl --user --no-pager enable credproxy@work.service",
+                "systemctl --user --no-pager restart credproxy@work.service",
+            ]
+        );
+        assert!(!units.join("credproxy-work.service").exists());
+        assert!(
+            !units
+                .join("default.target.wants/credproxy-work.service")
+                .exists()
+        );
+
+        // Status then reports the package's unit.
+        let fake = Fake::default()
+            .answer(ok("enabled\n"))
+            .answer(ok("active\n"));
+        let systemd = Systemd {
+            runner: &fake,
+            ..systemd
+        };
+        let status = systemd.status(&spec).unwrap();
+        assert_eq!(status.file, FileState::Packaged);
+        assert_eq!(status.name, "credproxy@work.service");
+        assert!(status.running);
+        assert_eq!(
+            *fake.calls.borrow(),
+            [
+                "systemctl --user --no-pager is-enabled credproxy@work.service",
+                "systemctl --user --no-pager is-active credproxy@work.service",
+            ]
+        );
+    }
+
+    #[test]
+    fn install_without_the_package_unit_reached_says_what_to_run() {
+        let (dir, template, spec) = packaged_home();
+        let fake = Fake::default().answer(fail("", "Failed to connect to bus: No medium found"));
+        let systemd = Systemd {
+            dir: dir.path().join("systemd/user"),
+            packaged: template,
+            runner: &fake,
+        };
+        let message = systemd.install(&spec).unwrap_err().to_string();
+        assert!(message.contains("No medium found"), "{message}");
+        assert!(
+            message.contains("systemctl --user enable --now credproxy@work.service"),
+            "{message}"
+        );
+        assert!(!dir.path().join("systemd/user").exists(), "wrote nothing");
+    }
+
+    #[test]
+    fn another_binary_or_config_gets_its_own_unit_and_the_package_unit_is_stopped() {
+        let (dir, template, packaged_spec) = packaged_home();
+        let other_config = ServiceSpec::new(
+            "work",
+            Path::new("/usr/bin/credproxy"),
+            Path::new("/srv/credproxy.toml"),
+        )
+        .unwrap();
+        for spec in [spec(), other_config] {
+            let fake = Fake::default();
+            let systemd = Systemd {
+                dir: dir.path().join("systemd/user"),
+                packaged: template.clone(),
+                runner: &fake,
+            };
+            let installed = systemd.install(&spec).unwrap();
+            assert_eq!(installed.name, "credproxy-work.service");
+            assert_eq!(
+                std::fs::read_to_string(&installed.path).unwrap(),
+                systemd_unit(&spec)
+            );
+            let note = installed.note.unwrap();
+            assert!(
+                note.contains("credproxy@work.service was not used"),
+                "{note}"
+            );
+            assert!(note.contains(&spec.config), "{note}");
+            assert_eq!(
+                *fake.calls.borrow(),
+                [
+                    "systemctl --user --no-pager daemon-reload",
+                    "systemctl --user --no-pager disable --now credproxy@work.service",
+                    "systemctl --user --no-pager enable credproxy-work.service",
+                    "systemctl --user --no-pager restart credproxy-work.service",
+                ]
+            );
+        }
+        // Without the package installed, the packaged spec gets a unit of its own too.
+        let fake = Fake::default();
+        let systemd = Systemd {
+            dir: dir.path().join("systemd/user"),
+            packaged: dir.path().join("nowhere/credproxy@.service"),
+            runner: &fake,
+        };
+        let installed = systemd.install(&packaged_spec).unwrap();
+        assert_eq!(installed.name, "credproxy-work.service");
+        assert_eq!(installed.note, None);
+    }
+
+    #[test]
+    fn uninstall_disables_an_enabled_package_unit_and_keeps_its_file() {
+        let (dir, template, _) = packaged_home();
+        let fake = Fake::default().answer(ok("enabled\n"));
+        let systemd = Systemd {
+            dir: dir.path().join("systemd/user"),
+            packaged: template.clone(),
+            runner: &fake,
+        };
+        let done = systemd.uninstall("work").unwrap();
+        assert_eq!(done.name, "credproxy@work.service");
+        assert_eq!(done.path, None);
+        assert!(template.exists());
+        assert_eq!(
+            *fake.calls.borrow(),
+            [
+                "systemctl --user --no-pager is-enabled credproxy@work.service",
+                "systemctl --user --no-pager disable --now credproxy@work.service",
+            ]
+        );
+        // Neither enabled nor a unit of our own: nothing is installed.
+        let fake = Fake::default()
+            .answer(fail("disabled\n", ""))
+            .answer(fail("", "Unit file credproxy-work.service does not exist."));
+        let systemd = Systemd {
+            runner: &fake,
+            ..systemd
+        };
+        assert!(matches!(
+            systemd.uninstall("work"),
+            Err(CliError::ServiceNotInstalled { .. })
+        ));
     }
 }
