@@ -21,7 +21,8 @@ use crate::error::Error;
 pub use self::launchd::{Launchd, launchd_label, launchd_plist};
 pub use self::runner::{MANAGER_TIMEOUT, Ran, Runner, SystemRunner};
 pub use self::systemd::{
-    PACKAGED_TEMPLATE, Systemd, packaged_unit_name, systemd_unit, systemd_unit_name,
+    ARCHIVE_TEMPLATE, PACKAGED_TEMPLATE, Systemd, packaged_unit_name, systemd_unit,
+    systemd_unit_name,
 };
 
 /// What a service runs: `credproxy --config CONFIG serve --profile PROFILE`, all validated.

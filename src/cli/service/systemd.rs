@@ -88,6 +88,9 @@ WantedBy=default.target
 /// Where the Debian package installs its unit template (instance = profile).
 pub const PACKAGED_TEMPLATE: &str = "/usr/lib/systemd/user/credproxy@.service";
 
+/// Where the README has the release archive's copy of the template installed.
+pub const ARCHIVE_TEMPLATE: &str = "/usr/local/lib/systemd/user/credproxy@.service";
+
 /// The unit a profile gets from the package's template, e.g. `credproxy@default.service`.
 pub fn packaged_unit_name(profile: &str) -> String {
     format!("credproxy@{profile}.service")
@@ -97,7 +100,8 @@ pub fn packaged_unit_name(profile: &str) -> String {
 pub struct Systemd<'a> {
     /// Where unit files go, normally `$XDG_CONFIG_HOME/systemd/user`.
     pub dir: PathBuf,
-    /// The package's unit template, normally [`PACKAGED_TEMPLATE`]; absent without the package.
+    /// The package's unit template ([`PACKAGED_TEMPLATE`] or [`ARCHIVE_TEMPLATE`]); a path
+    /// that does not exist when neither is installed.
     pub packaged: PathBuf,
     /// Runs `systemctl`.
     pub runner: &'a dyn Runner,
@@ -110,9 +114,14 @@ impl<'a> Systemd<'a> {
             .ok_or(Error::NoConfigDir)?
             .join("systemd")
             .join("user");
+        let packaged = [PACKAGED_TEMPLATE, ARCHIVE_TEMPLATE]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|path| path.exists())
+            .unwrap_or_else(|| PathBuf::from(PACKAGED_TEMPLATE));
         Ok(Self {
             dir,
-            packaged: PathBuf::from(PACKAGED_TEMPLATE),
+            packaged,
             runner,
         })
     }
