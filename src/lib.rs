@@ -9,7 +9,8 @@
 //! module uses only those listed after it:
 //!
 //! - [`cli`]: the binary's face: clap arguments, one file per command, the service
-//!   installer, the demo (feature `cli`, on by default).
+//!   installer (`cli/service/`: systemd, launchd, the program runner), the demo (feature
+//!   `cli`, on by default).
 //! - [`embed`]: the library's face for other programs (the phone library in `mobile/`): the
 //!   proxy on its own runtime with a stop handle, totals, logs to a sink, and the checks.
 //! - [`ops`]: logging for the binary, the admin listener (`/healthz`, `/metrics`).

@@ -345,3 +345,106 @@ fn man_page_is_roff_with_the_subcommands() {
         assert!(page.contains(command), "man page lacks {command}");
     }
 }
+
+/// The unit template the package installs, as in the repository.
+fn packaged_template() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/credproxy@.service");
+    std::fs::read_to_string(path).unwrap()
+}
+
+/// The lines of a unit's `[Service]` section other than `ExecStart=` and comments.
+fn service_settings(unit: &str) -> Vec<&str> {
+    unit.lines()
+        .skip_while(|l| *l != "[Service]")
+        .take_while(|l| *l != "[Install]")
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("ExecStart="))
+        .collect()
+}
+
+#[test]
+fn packaged_template_serves_the_instance_with_the_generated_units_settings() {
+    let template = packaged_template();
+    let exec: Vec<&str> = template
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecStart="))
+        .collect();
+    assert_eq!(exec, ["/usr/bin/credproxy serve --profile %i"]);
+    assert!(
+        service::PACKAGED_TEMPLATE.ends_with("/credproxy@.service"),
+        "{}",
+        service::PACKAGED_TEMPLATE
+    );
+    // One hardening and restart policy: the template and `service install`'s unit agree.
+    let dir = tempfile::tempdir().unwrap();
+    let generated = service::systemd_unit(&awkward_spec(dir.path()));
+    assert_eq!(service_settings(&template), service_settings(&generated));
+    assert!(service_settings(&template).contains(&"ExecReload=/bin/kill -HUP $MAINPID"));
+    assert!(template.lines().any(|l| l == "WantedBy=default.target"));
+}
+
+#[test]
+fn packaged_template_is_accepted_by_systemd_analyze() {
+    let Some(analyze) = on_path("systemd-analyze") else {
+        eprintln!("note: systemd-analyze is not installed; skipping");
+        return;
+    };
+    // The instance as `systemctl --user enable credproxy@laptop` would load it, with this
+    // build's binary in place of /usr/bin/credproxy (not installed here).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(service::packaged_unit_name("laptop"));
+    std::fs::write(
+        &path,
+        packaged_template().replace("/usr/bin/credproxy", EXE),
+    )
+    .unwrap();
+    let runtime = dir.path().join("run");
+    std::fs::create_dir(&runtime).unwrap();
+    let verify = Command::new(analyze)
+        .args(["--user", "verify", "--man=no"])
+        .arg(&path)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success(), "systemd-analyze verify: {stderr}");
+    assert!(
+        !stderr.contains("credproxy@laptop.service"),
+        "systemd-analyze verify complained: {stderr}"
+    );
+}
+
+#[test]
+fn man_dir_writes_a_page_per_command() {
+    let home = Home::new();
+    let dir = home.dir.path().join("man");
+    let output = home.run(&["man", "--dir", dir.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    for (page, title) in [
+        ("credproxy.1", "credproxy"),
+        ("credproxy-login.1", "credproxy-login"),
+        ("credproxy-serve.1", "credproxy-serve"),
+        ("credproxy-service.1", "credproxy-service"),
+        ("credproxy-service-install.1", "credproxy-service-install"),
+        ("credproxy-man.1", "credproxy-man"),
+    ] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap();
+        let th = text.lines().find(|l| l.starts_with(".TH ")).unwrap();
+        assert!(th.starts_with(&format!(".TH {title} 1 ")), "{th}");
+        assert!(
+            th.contains(concat!("credproxy ", env!("CARGO_PKG_VERSION"))),
+            "{th}"
+        );
+    }
+    assert!(!dir.join("credproxy-help.1").exists());
+
+    // A file where the directory should be: a clear error naming it.
+    let blocked = home.dir.path().join("blocked");
+    std::fs::write(&blocked, "").unwrap();
+    let output = home.run(&["man", "--dir", blocked.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("cannot write the man pages into"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -39,8 +39,8 @@ pub enum Command {
     Service(ServiceArgs),
     /// Print a shell completion script to standard output.
     Completions(CompletionsArgs),
-    /// Print the man page (roff) to standard output.
-    Man,
+    /// Print the man page (roff) to standard output, or write one page per command.
+    Man(ManArgs),
 }
 
 /// Arguments of `login`.
@@ -180,6 +180,15 @@ pub enum ServiceAction {
     Uninstall(ProfileArgs),
     /// Show whether a profile's service is installed, current and running.
     Status(ProfileArgs),
+}
+
+/// Arguments of `man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write a page per command into DIR (credproxy.1, credproxy-login.1,
+    /// credproxy-service-install.1, …) instead of printing credproxy(1).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Arguments of `completions`.

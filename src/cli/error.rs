@@ -24,6 +24,15 @@ pub enum CliError {
     /// The built-in demonstration could not run or did not behave as expected.
     #[error("the demo failed: {0}")]
     Demo(String),
+    /// `man --dir` could not write its pages.
+    #[error("cannot write the man pages into {dir}")]
+    ManPages {
+        /// The directory asked for.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// `credproxy service` has no service manager to drive on this platform.
     #[error(
         "`credproxy service` drives systemd user units on linux and launchd agents on macos, not {os}; see the README section \"Run it as a service\" to start `credproxy serve` at logon"

@@ -49,10 +49,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             completions::completions(args.shell);
             Ok(())
         }
-        Command::Man => {
-            completions::man();
-            Ok(())
-        }
+        Command::Man(args) => match args.dir {
+            Some(dir) => completions::man_pages(&dir),
+            None => {
+                completions::man();
+                Ok(())
+            }
+        },
     }
 }
 
