@@ -23,6 +23,7 @@ use crate::diagnose::doctor::{self, Step};
 use crate::error::{Error, Result};
 use crate::ops::health::Standing;
 use crate::proxy::live::Reload;
+use crate::proxy::route::RouteStatus;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::serve::guard::LOCAL_USER;
 use crate::serve::{self, ServeOptions, Site};
@@ -76,6 +77,9 @@ pub struct Snapshot {
     pub last_error: Option<String>,
     /// Where the credentials stand with the gate.
     pub credentials: Standing,
+    /// For a profile with a LAN route: which route requests take and why, with the totals
+    /// of each.
+    pub route: Option<RouteStatus>,
 }
 
 /// A proxy serving on a loopback port from its own runtime until stopped or dropped.
@@ -194,6 +198,7 @@ impl Embedded {
             bytes_down: stats.bytes_down.load(Ordering::Relaxed),
             last_error: lock(&self.last_error).clone(),
             credentials: Standing::of(&proxy.credentials().health()),
+            route: proxy.routes().map(|routes| routes.status()),
         }
     }
 
@@ -345,8 +350,8 @@ impl Message {
 
 /// Runs the doctor's steps for `settings` with the `scheme`'s stored `secret`: the client
 /// certificate's dates (when there is one), then the network (DNS, TCP, TLS, gate,
-/// credentials, Immich, websocket), each bounded by `timeout`; a rejection's fix hint is
-/// `settings.fix`. Logs go to `sink`.
+/// credentials, Immich, websocket) and, for a profile with a LAN route, the LAN address
+/// (`lan`), each bounded by `timeout`; a rejection's fix hint is `settings.fix`. Logs go to `sink`.
 ///
 /// It blocks the calling thread on a runtime of its own, so it is for synchronous callers (an
 /// app's worker thread), not for code already inside an async runtime.
@@ -374,8 +379,31 @@ pub fn check(
         login_command: settings.fix.clone(),
     };
     let dispatch = log_dispatch(None, sink);
+    let lan = match &settings.lan {
+        Some(lan) => Some(
+            Checker::new(
+                settings.server.clone(),
+                lan.trust
+                    .client_config(&[b"http/1.1"], settings.identity.as_ref())?,
+                timeout,
+            )
+            .certificate_fix(settings.certificate_fix.clone())
+            .at(lan.url.clone()),
+        ),
+        None => None,
+    };
     let network = tracing::dispatcher::with_default(&dispatch, || {
-        runtime.block_on(doctor::network_steps(&target))
+        runtime.block_on(async {
+            let mut steps = doctor::network_steps(&target).await;
+            if let Some(lan) = &lan {
+                let target = doctor::Target {
+                    checker: lan,
+                    ..target
+                };
+                steps.push(doctor::lan_step(lan, &target).await);
+            }
+            steps
+        })
     });
     let certificate = settings.identity.as_ref().map(|identity| {
         doctor::client_certificate_step(

@@ -56,6 +56,10 @@ fn config(port: u16) -> Result<ProxyConfig> {
         pin: None,
         local_auth: false,
         local_token: None,
+        // A LAN route (mobile/bench.sh measures idle wake-ups with one configured).
+        lan_address: std::env::var("BENCH_LAN").ok(),
+        lan_pin: None,
+        lan_ca_pem: None,
     })
 }
 

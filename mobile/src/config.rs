@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credproxy::Error;
-use credproxy::config::{self, CaCert, Profile, ServerUrl};
+use credproxy::config::{self, CaCert, LanRoute, Profile, ServerUrl};
 use credproxy::credentials::{Scheme, Secret, SecretSource};
 use credproxy::proxy::ProxySettings;
 
@@ -86,6 +86,16 @@ pub struct ProxyConfig {
     /// that clients' URLs stay the same.
     #[uniffi(default = None)]
     pub local_token: Option<String>,
+    /// The same server's LAN address (`192.168.1.10`, `192.168.1.10:8443` or an `https://`
+    /// URL): at home requests go there, verified under `server_url`'s name, else the public way.
+    #[uniffi(default = None)]
+    pub lan_address: Option<String>,
+    /// The pin of a LAN front's own certificate (`sha256/BASE64`), when it has one.
+    #[uniffi(default = None)]
+    pub lan_pin: Option<String>,
+    /// The CA (PEM) of a LAN front's own certificate, issued for its LAN name.
+    #[uniffi(default = None)]
+    pub lan_ca_pem: Option<String>,
 }
 
 impl ProxyConfig {
@@ -112,7 +122,17 @@ impl ProxyConfig {
             local_auth: self.local_auth,
             allow_hosts: Vec::new(),
             client_cert: None,
-            lan: None,
+            lan: match non_empty(&self.lan_address) {
+                Some(address) => Some(LanRoute::parse(
+                    address,
+                    &non_empty(&self.lan_pin)
+                        .map(str::to_owned)
+                        .into_iter()
+                        .collect::<Vec<_>>(),
+                    non_empty(&self.lan_ca_pem).map(|pem| CaCert::Pem(pem.to_owned())),
+                )?),
+                None => None,
+            },
         };
         let identity = self.identity(&profile)?;
         let mut settings = ProxySettings::for_profile(&profile, self.fix_credentials_hint())

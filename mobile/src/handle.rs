@@ -72,6 +72,16 @@ pub struct ProxyStats {
     pub rejected_since: Option<String>,
     /// Seconds left before they are sent again, while rejected.
     pub backoff_seconds: Option<u64>,
+    /// With a LAN address: `lan` or `public`, the route requests take now.
+    pub route: Option<String>,
+    /// Why requests take that route (the LAN address answered, or what it did instead).
+    pub route_reason: Option<String>,
+    /// Changes between the LAN and the public route so far.
+    pub route_switches: u64,
+    /// Body bytes sent to the server over the LAN route.
+    pub lan_bytes_up: u64,
+    /// Body bytes received from the server over the LAN route.
+    pub lan_bytes_down: u64,
 }
 
 #[uniffi::export]
@@ -134,6 +144,11 @@ impl From<Snapshot> for ProxyStats {
             last_accepted: s.credentials.last_accepted,
             rejected_since: s.credentials.rejected_since,
             backoff_seconds: s.credentials.backoff_seconds,
+            route_switches: s.route.as_ref().map_or(0, |r| r.switches),
+            lan_bytes_up: s.route.as_ref().map_or(0, |r| r.lan_bytes_up),
+            lan_bytes_down: s.route.as_ref().map_or(0, |r| r.lan_bytes_down),
+            route_reason: s.route.as_ref().map(|r| r.why.clone()),
+            route: s.route.map(|r| r.route.to_owned()),
         }
     }
 }

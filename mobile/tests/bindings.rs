@@ -219,7 +219,7 @@ fn normalized(code: &str) -> String {
 /// Signatures the README's Kotlin snippets rely on.
 const KOTLIN_API: &[&str] = &[
     "fun `startProxy`(`config`: ProxyConfig): ProxyHandle",
-    "data class ProxyConfig (var `serverUrl`: kotlin.String, var `username`: kotlin.String, var `credentials`: Credentials, var `auth`: AuthScheme? = null, var `listenPort`: kotlin.UShort = 0u, var `caPem`: kotlin.String? = null, var `pin`: kotlin.String? = null, var `localAuth`: kotlin.Boolean = false, var `localToken`: kotlin.String? = null)",
+    "data class ProxyConfig (var `serverUrl`: kotlin.String, var `username`: kotlin.String, var `credentials`: Credentials, var `auth`: AuthScheme? = null, var `listenPort`: kotlin.UShort = 0u, var `caPem`: kotlin.String? = null, var `pin`: kotlin.String? = null, var `localAuth`: kotlin.Boolean = false, var `localToken`: kotlin.String? = null, var `lanAddress`: kotlin.String? = null, var `lanPin`: kotlin.String? = null, var `lanCaPem`: kotlin.String? = null)",
     "data class Provider(val `provider`: uniffi.credproxy_mobile.CredentialProvider)",
     "data class Keyring(val `profile`: kotlin.String)",
     "fun `appPassword`(`serverUrl`: kotlin.String, `username`: kotlin.String): kotlin.String?",
@@ -242,7 +242,7 @@ const KOTLIN_API: &[&str] = &[
 /// Signatures the README's Swift snippets rely on.
 const SWIFT_API: &[&str] = &[
     "public func startProxy(config: ProxyConfig)throws -> ProxyHandle",
-    "public init(serverUrl: String, username: String, credentials: Credentials, auth: AuthScheme? = nil, listenPort: UInt16 = UInt16(0), caPem: String? = nil, pin: String? = nil, localAuth: Bool = false, localToken: String? = nil)",
+    "public init(serverUrl: String, username: String, credentials: Credentials, auth: AuthScheme? = nil, listenPort: UInt16 = UInt16(0), caPem: String? = nil, pin: String? = nil, localAuth: Bool = false, localToken: String? = nil, lanAddress: String? = nil, lanPin: String? = nil, lanCaPem: String? = nil)",
     "case provider(provider: CredentialProvider)",
     "case keyring(profile: String)",
     "public protocol CredentialProvider: AnyObject, Sendable { func appPassword(serverUrl: String, username: String) throws -> String?",

@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Store a service account's app password in the OS keyring and save the profile.
-    Login(LoginArgs),
+    Login(Box<LoginArgs>),
     /// Run the proxy for a profile until SIGINT/SIGTERM.
     Serve(ServeArgs),
     /// Remove a profile and its keyring entry.

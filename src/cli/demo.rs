@@ -211,6 +211,7 @@ pub async fn run(listen: &str, keep_running: bool) -> Result<()> {
         fix: "run `credproxy demo` again: it makes a fresh stand-in and password".to_owned(),
         identity: None,
         certificate_fix: "the demo's stand-in wants no client certificate".to_owned(),
+        lan: None,
     };
     let proxy = Proxy::with_secret(settings, &Scheme::Basic, &standin.password)?;
     let listener = super::bind(listen).await?;

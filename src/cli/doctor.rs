@@ -131,11 +131,43 @@ pub async fn run(
     })
     .await;
     network.iter().for_each(report);
+    let mut lan_steps = Vec::new();
+    if let Some(lan) = &profile.lan {
+        let step = match TlsTrust::for_lan(&profile, lan)
+            .and_then(|trust| trust.client_config(&[b"http/1.1"], identity.as_ref()))
+        {
+            Ok(tls) => {
+                let checker =
+                    Checker::new(profile.server.clone(), tls, super::login::CHECK_TIMEOUT)
+                        .at(lan.url.clone());
+                doctor::lan_step(
+                    &checker,
+                    &doctor::Target {
+                        checker: &checker,
+                        username: &profile.username,
+                        scheme: &profile.auth,
+                        secret: secret.as_ref(),
+                        login_command: login.clone(),
+                    },
+                )
+                .await
+            }
+            Err(e) => Step {
+                name: "lan",
+                status: Status::Fail,
+                detail: e.to_string(),
+                fix: Some(login.clone()),
+            },
+        };
+        report(&step);
+        lan_steps.push(step);
+    }
     let running = super::running::doctor_step(config, &profile.name, &login).await;
     report(&running);
     let failed = steps
         .iter()
         .chain(&network)
+        .chain(&lan_steps)
         .chain([&running])
         .filter(|s| s.status == Status::Fail)
         .count();

@@ -15,6 +15,16 @@ pub enum CliError {
     /// Checking the server and credentials failed.
     #[error(transparent)]
     Check(#[from] CheckError),
+    /// The LAN address answered but is not the profile's server (or refused it).
+    #[error("the LAN address {address}: {detail}; {fix}")]
+    Lan {
+        /// The LAN address.
+        address: String,
+        /// What it did.
+        detail: String,
+        /// What to do.
+        fix: String,
+    },
     /// The password could not be read.
     #[error("cannot read the password: {0}")]
     Password(String),

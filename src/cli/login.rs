@@ -10,6 +10,7 @@ use super::{CliError, Result, blocking};
 use crate::config::{self, CaCert, ConfigStore, Profile, ServerUrl};
 use crate::credentials::{self, ClientIdentity, CredentialStore, IdentityError, Scheme, Secret};
 use crate::diagnose::check::Checker;
+use crate::diagnose::doctor::{self, Status};
 use crate::error::Error;
 use crate::upstream::TlsTrust;
 
@@ -153,6 +154,9 @@ pub async fn run(
                 "credproxy: warning: {} did not ask for a client certificate: it is not needed there (stored anyway)",
                 profile.server
             );
+        }
+        if let Some(lan) = &profile.lan {
+            check_lan(config, &profile, lan, identity.as_ref(), &password).await?;
         }
     }
     let name = profile.name.clone();
@@ -317,4 +321,47 @@ pub fn read_secret(from_stdin: bool, prompts: &[String]) -> Result<Vec<Secret>> 
         return Err(CliError::Password("the password is empty".to_owned()));
     }
     Ok(values)
+}
+
+/// Checks the LAN route as the proxy will use it: the server at its LAN address proves the
+/// public name and lets the credentials through. Not reachable from here is a note (it is used
+/// when it is); anything else answering there is an error with the fix, and nothing is saved.
+async fn check_lan(
+    config: &ConfigStore,
+    profile: &Profile,
+    lan: &config::LanRoute,
+    identity: Option<&ClientIdentity>,
+    secret: &Secret,
+) -> Result<()> {
+    let tls = TlsTrust::for_lan(profile, lan)?.client_config(&[b"http/1.1"], identity)?;
+    // A LAN answers at once; away from home, login need not wait long to say so.
+    let checker =
+        Checker::new(profile.server.clone(), tls, Duration::from_secs(3)).at(lan.url.clone());
+    let login_command = config.login_command(profile);
+    let step = doctor::lan_step(
+        &checker,
+        &doctor::Target {
+            checker: &checker,
+            username: &profile.username,
+            scheme: &profile.auth,
+            secret: Some(secret),
+            login_command,
+        },
+    )
+    .await;
+    match (step.status, step.fix) {
+        (Status::Pass, _) => eprintln!("credproxy: the LAN address {} {}", lan.url, step.detail),
+        (Status::Warn, None) => eprintln!(
+            "credproxy: note: {}; it is used whenever it answers",
+            step.detail
+        ),
+        (_, fix) => {
+            return Err(CliError::Lan {
+                address: lan.url.to_string(),
+                detail: step.detail,
+                fix: fix.unwrap_or_else(|| "check the address given with --lan".to_owned()),
+            });
+        }
+    }
+    Ok(())
 }

@@ -38,7 +38,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let config = ConfigStore::locate(cli.config)?;
     let keyring: Arc<dyn CredentialStore> = Arc::new(KeyringStore::new());
     match cli.command {
-        Command::Login(args) => login::run(&config, keyring, args).await,
+        Command::Login(args) => login::run(&config, keyring, *args).await,
         Command::Serve(args) => serve::run(&config, keyring, args).await,
         Command::Logout(args) => logout::run(&config, keyring, &args.profile).await,
         Command::Profiles(args) => profiles::run(&config, keyring, args).await,

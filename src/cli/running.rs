@@ -92,6 +92,10 @@ pub async fn doctor_step(config: &ConfigStore, profile: &str, fix: &str) -> Step
             ),
         ),
     };
+    let detail = match (one.route["route"].as_str(), one.route["why"].as_str()) {
+        (Some(route), Some(why)) => format!("{detail}; requests go the {route} route: {why}"),
+        _ => detail,
+    };
     Step {
         name: "proxy",
         status,

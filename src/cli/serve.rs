@@ -322,6 +322,7 @@ impl Server {
                         url: one.url.clone(),
                         server: one.profile.server.to_string(),
                         credentials: health["credentials"].clone(),
+                        route: health["route"].clone(),
                         reload: outcomes
                             .iter()
                             .find(|(name, _)| *name == one.profile.name)

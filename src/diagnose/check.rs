@@ -128,6 +128,8 @@ pub struct CheckResponse {
 #[derive(Clone)]
 pub struct Checker {
     server: ServerUrl,
+    /// Where the server is reached, when not at its name's address (its LAN address).
+    address: Option<ServerUrl>,
     tls: Arc<ClientConfig>,
     timeout: Duration,
     /// What to do when the server refuses the client certificate (or wants one).
@@ -139,11 +141,32 @@ impl Checker {
     pub fn new(server: ServerUrl, tls: Arc<ClientConfig>, timeout: Duration) -> Self {
         Self {
             server,
+            address: None,
             tls,
             timeout,
             certificate_fix:
                 "give it the client certificate it trusts (credproxy login --client-cert FILE)"
                     .to_owned(),
+        }
+    }
+
+    /// This checker, reaching the server at `address` (its LAN address) while speaking to it
+    /// under its name (SNI, certificate check, `Host`).
+    pub fn at(mut self, address: ServerUrl) -> Self {
+        self.address = Some(address);
+        self
+    }
+
+    /// The server checked.
+    pub fn server(&self) -> &ServerUrl {
+        &self.server
+    }
+
+    /// The server as errors name it: with the address it is reached at, when that differs.
+    fn label(&self) -> String {
+        match &self.address {
+            Some(address) => format!("{} at {address}", self.server),
+            None => self.server.to_string(),
         }
     }
 
@@ -163,7 +186,7 @@ impl Checker {
         certificate: CertificateRequest,
         in_http: bool,
     ) -> CheckError {
-        let server = self.server.to_string();
+        let server = self.label();
         match upstream::describe_failure(err, Some(certificate)) {
             Failure::ClientCertificate(what) => CheckError::ClientCertificate {
                 server,
@@ -191,15 +214,16 @@ impl Checker {
             .await
             .map_err(|_| CheckError::Timeout {
                 step,
-                server: self.server.to_string(),
+                server: self.label(),
                 secs: self.timeout.as_secs(),
             })?
     }
 
     /// Resolves the server's host name.
     pub async fn resolve(&self) -> Result<Vec<SocketAddr>, CheckError> {
-        let host = self.server.host().to_owned();
-        let port = self.server.port();
+        let at = self.address.as_ref().unwrap_or(&self.server);
+        let host = at.host().to_owned();
+        let port = at.port();
         self.step("DNS lookup", async {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
                 .await
@@ -230,7 +254,7 @@ impl Checker {
                 }
             }
             Err(CheckError::Connect {
-                server: self.server.to_string(),
+                server: self.label(),
                 addrs: addrs
                     .iter()
                     .map(ToString::to_string)
@@ -250,7 +274,7 @@ impl Checker {
     ) -> Result<(TlsStream<TcpStream>, CertificateRequest), CheckError> {
         let name =
             ServerName::try_from(self.server.host().to_owned()).map_err(|e| CheckError::Tls {
-                server: self.server.to_string(),
+                server: self.label(),
                 detail: e.to_string(),
             })?;
         let (config, witness) = HandshakeWitness::watch(&self.tls);
@@ -288,7 +312,7 @@ impl Checker {
             ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .map_err(|e| CheckError::Tls {
-                    server: self.server.to_string(),
+                    server: self.label(),
                     detail: e.to_string(),
                 })?
                 .dangerous()
@@ -307,7 +331,7 @@ impl Checker {
             .and_then(CertSummary::of)
             .map(|leaf| leaf.spki_pin)
             .ok_or_else(|| CheckError::Tls {
-                server: self.server.to_string(),
+                server: self.label(),
                 detail: "the server presented no readable certificate".to_owned(),
             })
     }
@@ -408,7 +432,7 @@ impl Checker {
             Verdict::Passed => {}
             verdict => {
                 return Err(CheckError::Rejected {
-                    server: self.server.to_string(),
+                    server: self.label(),
                     username: username.to_owned(),
                     explain: verdict.explain(),
                 });
@@ -418,13 +442,13 @@ impl Checker {
             Ok(())
         } else if let Some(what) = gate::certificate_refusal(response.status, &response.body) {
             Err(CheckError::ClientCertificate {
-                server: self.server.to_string(),
+                server: self.label(),
                 what,
                 fix: self.certificate_fix.clone(),
             })
         } else {
             Err(CheckError::NotImmich {
-                server: self.server.to_string(),
+                server: self.label(),
                 status: response.status.as_u16(),
                 content_type: response
                     .headers

@@ -225,6 +225,70 @@ pub async fn network_steps(target: &Target<'_>) -> Vec<Step> {
     steps
 }
 
+/// The LAN route's step (`lan`): the server reached at its LAN address `checker` is set
+/// `at` proves its public name, and with credentials, the gate lets Immich's ping through
+/// there. Not reachable is a warning (away from home: requests go the public route), as is
+/// a host that does not prove the name (it is sent nothing); it comes with the fix for a LAN
+/// front with a certificate of its own.
+pub async fn lan_step(checker: &Checker, target: &Target<'_>) -> Step {
+    let host = checker.server().host().to_owned();
+    let auth = target
+        .secret
+        .and_then(|secret| target.scheme.injection(target.username, secret).ok());
+    let checked = match &auth {
+        Some(auth) => checker
+            .verify_credentials(target.username, auth)
+            .await
+            .map(|()| {
+                format!(
+                    "the gate accepts '{}' there; {PING_PATH} answers pong",
+                    target.username
+                )
+            }),
+        None => checker
+            .certificates()
+            .await
+            .map(|_| "no credentials to try there".to_owned()),
+    };
+    let warn = |detail: String, fix: Option<String>| Step {
+        name: "lan",
+        status: Status::Warn,
+        detail,
+        fix,
+    };
+    match checked {
+        Ok(what) => Step::pass(
+            "lan",
+            format!("answers as {host} with a certificate for that name; {what}"),
+        ),
+        Err(
+            e @ (CheckError::Dns { .. } | CheckError::Connect { .. } | CheckError::Timeout { .. }),
+        ) => warn(
+            format!("{e}; away from home, requests go the public route"),
+            None,
+        ),
+        Err(e @ CheckError::Tls { .. }) => {
+            let pin = checker
+                .presented_pin()
+                .await
+                .unwrap_or_else(|_| "sha256/…".to_owned());
+            warn(
+                format!(
+                    "the LAN address did not prove to be {host}, so credproxy sends it nothing: {e}"
+                ),
+                Some(format!(
+                    "on your home network, if that is your server's LAN front with a certificate of its own, add `--lan-pin {pin}` (or --lan-ca FILE) to {}",
+                    target.login_command
+                )),
+            )
+        }
+        Err(e @ CheckError::Rejected { .. }) => {
+            Step::fail("lan", e.to_string(), target.login_command.clone())
+        }
+        Err(e) => failure("lan", &e),
+    }
+}
+
 /// The client certificate: subject, issuer and expiry; a warning from
 /// [`CERTIFICATE_WARN_DAYS`] before it expires, a failure once it has (or before it is
 /// valid). `fix` renews it.

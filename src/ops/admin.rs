@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::proxy::Proxy;
+use crate::proxy::route::Route;
 use crate::proxy::stats::{LATENCY_BOUNDS, Stats};
 use crate::serve::guard::Guards;
 use crate::serve::{Site, accept_or_pause, refuse_busy};
@@ -116,6 +117,7 @@ fn answer<B>(req: &Request<B>, proxies: &[Proxy]) -> Response<Full<Bytes>> {
                 .collect();
             let mut text = render_metrics(&entries);
             text.push_str(&render_certificate_expiry(proxies));
+            text.push_str(&render_routes(proxies));
             Response::builder()
                 .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
                 .body(Full::new(Bytes::from(text)))
@@ -158,6 +160,66 @@ fn render_certificate_expiry(proxies: &[Proxy]) -> String {
             "{name}{{profile=\"{}\"}} {expires}",
             proxy.settings().profile
         );
+    }
+    out
+}
+
+/// The route of each profile with a LAN route (a gauge per route, 1 for the one in use), its
+/// switches, and the requests and body bytes per route; nothing when no profile has one.
+fn render_routes(proxies: &[Proxy]) -> String {
+    let with_lan: Vec<_> = proxies
+        .iter()
+        .filter_map(|p| Some((p.settings().profile.as_str(), p.routes()?, p.stats())))
+        .collect();
+    if with_lan.is_empty() {
+        return String::new();
+    }
+    let routes = [Route::Lan, Route::Public];
+    let mut out = String::from(
+        "# HELP credproxy_route The route requests take now (1), for profiles with a LAN route.\n# TYPE credproxy_route gauge\n",
+    );
+    for (profile, state, _) in &with_lan {
+        for route in routes {
+            let on = u8::from(state.current() == route);
+            let _ = writeln!(
+                out,
+                "credproxy_route{{profile=\"{profile}\",route=\"{}\"}} {on}",
+                route.name()
+            );
+        }
+    }
+    out.push_str("# HELP credproxy_route_switches_total Changes between the LAN and the public route.\n# TYPE credproxy_route_switches_total counter\n");
+    for (profile, _, stats) in &with_lan {
+        let _ = writeln!(
+            out,
+            "credproxy_route_switches_total{{profile=\"{profile}\"}} {}",
+            stats.route_switches.load(Ordering::Relaxed)
+        );
+    }
+    out.push_str("# HELP credproxy_route_requests_total Requests sent each route.\n# TYPE credproxy_route_requests_total counter\n");
+    for (profile, _, stats) in &with_lan {
+        for route in routes {
+            let _ = writeln!(
+                out,
+                "credproxy_route_requests_total{{profile=\"{profile}\",route=\"{}\"}} {}",
+                route.name(),
+                stats.routes[route.index()].requests.load(Ordering::Relaxed)
+            );
+        }
+    }
+    out.push_str("# HELP credproxy_route_body_bytes_total Body bytes moved each route.\n# TYPE credproxy_route_body_bytes_total counter\n");
+    for (profile, _, stats) in &with_lan {
+        for route in routes {
+            let totals = &stats.routes[route.index()];
+            for (direction, bytes) in [("up", &totals.bytes_up), ("down", &totals.bytes_down)] {
+                let _ = writeln!(
+                    out,
+                    "credproxy_route_body_bytes_total{{profile=\"{profile}\",route=\"{}\",direction=\"{direction}\"}} {}",
+                    route.name(),
+                    bytes.load(Ordering::Relaxed)
+                );
+            }
+        }
     }
     out
 }

@@ -53,6 +53,9 @@ pub struct ProfileReply {
     pub credentials: serde_json::Value,
     /// What a reload did, in words; `None` for a status.
     pub reload: Option<String>,
+    /// For a profile with a LAN route, the route in use and why (the `/healthz` object).
+    #[serde(default)]
+    pub route: serde_json::Value,
 }
 
 impl Reply {
@@ -336,6 +339,7 @@ mod tests {
                 server: "https://immich.example.com".into(),
                 credentials: serde_json::json!({"state": "accepted"}),
                 reload: Some("credentials changed".into()),
+                route: serde_json::Value::Null,
             }],
         };
         command.reply.send(reply.clone()).unwrap();

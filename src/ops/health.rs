@@ -68,5 +68,6 @@ pub fn profile_health(proxy: &Proxy) -> serde_json::Value {
         "credentials_rejected": standing.backoff_seconds.is_some(),
         "credentials": standing,
         "client_certificate": certificate,
+        "route": proxy.routes().map(|routes| routes.status()),
     })
 }

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use tokio::time::{Instant, Sleep};
 
 pub use crate::upstream::BoxError;
 
+use super::route::Route;
 use super::stats::Stats;
 
 /// The `tracing` target of the per-request access line.
@@ -36,6 +37,8 @@ pub struct Exchange {
     status: AtomicU16,
     up: AtomicU64,
     down: AtomicU64,
+    /// The route the request was sent (0: none yet; else 1 + [`Route::index`]).
+    route: AtomicU8,
     stats: Arc<Stats>,
 }
 
@@ -49,6 +52,7 @@ impl Exchange {
             status: AtomicU16::new(0),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
+            route: AtomicU8::new(0),
             stats,
         }
     }
@@ -56,6 +60,11 @@ impl Exchange {
     /// Records the status sent to the client.
     pub fn set_status(&self, status: http::StatusCode) {
         self.status.store(status.as_u16(), Ordering::Relaxed);
+    }
+
+    /// Records the route the request is sent (the last one when it went on another).
+    pub fn set_route(&self, route: Route) {
+        self.route.store(route.index() as u8 + 1, Ordering::Relaxed);
     }
 
     /// Counts bytes moved outside a body (an upgraded connection).
@@ -74,6 +83,14 @@ impl Drop for Exchange {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_up.fetch_add(up, Ordering::Relaxed);
         self.stats.bytes_down.fetch_add(down, Ordering::Relaxed);
+        if let Some(totals) = usize::from(*self.route.get_mut())
+            .checked_sub(1)
+            .and_then(|index| self.stats.routes.get(index))
+        {
+            totals.requests.fetch_add(1, Ordering::Relaxed);
+            totals.bytes_up.fetch_add(up, Ordering::Relaxed);
+            totals.bytes_down.fetch_add(down, Ordering::Relaxed);
+        }
         let elapsed = self.start.elapsed();
         self.stats.latency.record(elapsed);
         tracing::info!(

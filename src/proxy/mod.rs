@@ -14,6 +14,7 @@ pub mod jar;
 pub mod live;
 pub mod redact;
 pub mod rewrite;
+pub mod route;
 pub mod stats;
 
 use std::sync::Arc;
@@ -31,14 +32,40 @@ use self::body::{Direction, Exchange, Full, ResponseBody, Tracked};
 use self::gate::Verdict;
 use self::live::{Blocked, Generation, LiveCredentials, Unusable};
 use self::rewrite::{Target, rewrite_request, rewrite_response, upgrade_protocol};
+use self::route::{Route, Routes};
 pub use self::stats::Stats;
 use crate::config::{Profile, ServerUrl};
 use crate::credentials::{ClientIdentity, Scheme, Secret, SecretSource};
 use crate::error::Result;
-use crate::upstream::{self, ClientOptions, Failure, Pool, SendError, TlsTrust, WeakPool};
+use crate::upstream::{
+    self, ClientOptions, Failure, Pool, SendError, TlsTrust, Unanswered, WeakPool,
+};
 
-/// The upstream connection of one client connection (see [`upstream::Lane`]).
-pub type Lane = upstream::Lane<Tracked<Incoming>>;
+/// The upstream connections of one client connection (see [`upstream::Lane`]): one to the
+/// server's public address and, for a profile with a LAN route, one to its LAN address.
+pub struct Lane {
+    public: upstream::Lane<Tracked<Incoming>>,
+    lan: Option<upstream::Lane<Tracked<Incoming>>>,
+}
+
+impl Lane {
+    /// Runs `served` (the client side of the connection) while driving the upstream
+    /// connections, all on the calling task; returns `served`'s output.
+    pub async fn drive<F: std::future::Future>(&self, served: F) -> F::Output {
+        match &self.lan {
+            Some(lan) => self.public.drive(lan.drive(served)).await,
+            None => self.public.drive(served).await,
+        }
+    }
+
+    /// Returns healthy, idle upstream connections to their pools (the client has left).
+    pub fn release(&self) {
+        self.public.release();
+        if let Some(lan) = &self.lan {
+            lan.release();
+        }
+    }
+}
 
 /// Everything a proxy for one profile needs, apart from the secret.
 #[derive(Debug, Clone)]
@@ -62,6 +89,17 @@ pub struct ProxySettings {
     pub identity: Option<ClientIdentity>,
     /// What the user does when the server refuses the client certificate (or wants one).
     pub certificate_fix: String,
+    /// The server's LAN address and how its certificate is checked there, when it has one.
+    pub lan: Option<LanSettings>,
+}
+
+/// The LAN route of a profile: the same server at a LAN address.
+#[derive(Debug, Clone)]
+pub struct LanSettings {
+    /// The LAN address (`https://192.168.1.10`).
+    pub url: ServerUrl,
+    /// Which certificates the LAN address must show, for the public name.
+    pub trust: TlsTrust,
 }
 
 impl ProxySettings {
@@ -77,6 +115,13 @@ impl ProxySettings {
             certificate_fix: format!("{fix} --client-cert FILE"),
             fix,
             identity: None,
+            lan: match &profile.lan {
+                Some(lan) => Some(LanSettings {
+                    url: lan.url.clone(),
+                    trust: TlsTrust::for_lan(profile, lan)?,
+                }),
+                None => None,
+            },
         })
     }
 }
@@ -90,6 +135,7 @@ impl ProxySettings {
 pub struct Proxy {
     inner: Arc<Inner>,
     pool: Pool<Tracked<Incoming>>,
+    lan_pool: Option<Pool<Tracked<Incoming>>>,
 }
 
 struct Inner {
@@ -98,6 +144,8 @@ struct Inner {
     credentials: LiveCredentials,
     tls: Arc<rustls::ClientConfig>,
     stats: Arc<Stats>,
+    /// The LAN route and its connector, for a profile with one.
+    lan: Option<(Arc<Routes>, upstream::Connector)>,
     /// Every shard's pool, for counting idle connections.
     pools: std::sync::Mutex<Vec<WeakPool<Tracked<Incoming>>>>,
 }
@@ -133,16 +181,38 @@ impl Proxy {
         let tls = settings
             .trust
             .client_config(&[], settings.identity.as_ref())?;
+        let lan = match &settings.lan {
+            Some(lan) => {
+                let tls = lan.trust.client_config(&[], settings.identity.as_ref())?;
+                let name = rustls::pki_types::ServerName::try_from(settings.server.host())
+                    .map_err(|e| crate::error::Error::Tls(e.to_string()))?
+                    .to_owned();
+                let connector = upstream::Connector::new(tls, &settings.client)
+                    .under_name(name, settings.client.lan_connect_timeout);
+                let routes = Routes::new(
+                    settings.profile.clone(),
+                    settings.server.clone(),
+                    lan.url.clone(),
+                    connector.clone(),
+                    settings.client.lan_probe_every,
+                    stats.clone(),
+                );
+                Some((Arc::new(routes), connector))
+            }
+            None => None,
+        };
         let inner = Arc::new(Inner {
             target: Target::new(&settings.server),
             credentials,
             tls,
             settings,
             stats,
+            lan,
             pools: std::sync::Mutex::default(),
         });
         Ok(Self {
             pool: pool_of(&inner, 1),
+            lan_pool: lan_pool_of(&inner, 1),
             inner,
         })
     }
@@ -152,15 +222,24 @@ impl Proxy {
     pub fn shard(&self, shards: usize) -> Self {
         Self {
             pool: pool_of(&self.inner, shards),
+            lan_pool: lan_pool_of(&self.inner, shards),
             inner: self.inner.clone(),
         }
+    }
+
+    /// The profile's LAN route, when it has one: where it stands, and a try of it.
+    pub fn routes(&self) -> Option<&Arc<Routes>> {
+        self.inner.lan.as_ref().map(|(routes, _)| routes)
     }
 
     /// An upstream lane for one client connection: pass it to [`Proxy::handle`] for each of
     /// the connection's requests, drive it with [`upstream::Lane::drive`] and
     /// [`upstream::Lane::release`] it when the client leaves.
     pub fn lane(&self) -> Lane {
-        self.pool.lane()
+        Lane {
+            public: self.pool.lane(),
+            lan: self.lan_pool.as_ref().map(Pool::lane),
+        }
     }
 
     /// Idle upstream connections kept for reuse, by every shard.
@@ -239,7 +318,8 @@ impl Proxy {
         }
         let idle = Some(inner.settings.idle_timeout);
         let body = Tracked::new(body, exchange.clone(), Direction::Up, idle);
-        let mut response = match lane.send(Request::from_parts(parts, body)).await {
+        let request = Request::from_parts(parts, body);
+        let mut response = match inner.send(request, lane, &exchange).await {
             Ok(response) => response,
             Err(err) => return inner.upstream_failure(&exchange, &err),
         };
@@ -278,10 +358,29 @@ impl Proxy {
 
 /// The upstream connection pool of one shard of `inner`.
 fn pool_of(inner: &Inner, shards: usize) -> Pool<Tracked<Incoming>> {
+    let connector = upstream::Connector::new(inner.tls.clone(), &inner.settings.client);
+    let origin = upstream::origin(inner.target.authority());
+    new_pool(inner, connector, origin, shards)
+}
+
+/// The LAN route's connection pool of one shard of `inner`, when the profile has one.
+fn lan_pool_of(inner: &Inner, shards: usize) -> Option<Pool<Tracked<Incoming>>> {
+    let (_, connector) = inner.lan.as_ref()?;
+    let lan = inner.settings.lan.as_ref()?;
+    let origin = upstream::origin(lan.url.authority());
+    Some(new_pool(inner, connector.clone(), origin, shards))
+}
+
+fn new_pool(
+    inner: &Inner,
+    connector: upstream::Connector,
+    origin: http::Uri,
+    shards: usize,
+) -> Pool<Tracked<Incoming>> {
     let options = &inner.settings.client;
     let pool = Pool::new(
-        upstream::Connector::new(inner.tls.clone(), options),
-        upstream::origin(inner.target.authority()),
+        connector,
+        origin,
         options.pool_idle_timeout,
         options.pool_max_idle.div_ceil(shards.max(1)),
     );
@@ -316,6 +415,46 @@ async fn bridge(
 }
 
 impl Inner {
+    /// Sends `req` the route it should take: the public one, or for a profile with a LAN
+    /// route while at home, the LAN one, falling back to the public one for a request of
+    /// which nothing was sent.
+    async fn send(
+        &self,
+        req: Request<Tracked<Incoming>>,
+        lane: &Lane,
+        exchange: &Exchange,
+    ) -> std::result::Result<Response<Incoming>, SendError> {
+        let (Some((routes, _)), Some(lan)) = (&self.lan, &lane.lan) else {
+            return lane.public.send(req).await.map_err(|u| u.error);
+        };
+        let req = match routes.choose() {
+            Route::Public => req,
+            Route::Lan => {
+                exchange.set_route(Route::Lan);
+                match lan.send(req).await {
+                    Ok(response) => return Ok(response),
+                    Err(Unanswered {
+                        error,
+                        unsent: Some(req),
+                    }) => {
+                        routes.lan_unreachable(&error.failure());
+                        req
+                    }
+                    Err(Unanswered {
+                        error,
+                        unsent: None,
+                    }) => {
+                        // Partly sent: never sent again. The LAN route is tried afresh.
+                        routes.try_in_background();
+                        return Err(error);
+                    }
+                }
+            }
+        };
+        exchange.set_route(Route::Public);
+        lane.public.send(req).await.map_err(|u| u.error)
+    }
+
     /// Readies an upstream answer's head for the client: the gate's cookies kept, redirects
     /// pointed back at this origin, the status recorded.
     fn pass_on(

@@ -19,6 +19,22 @@ pub struct Stats {
     pub auth_rejections: AtomicU64,
     /// How long whole exchanges took, head to last byte.
     pub latency: Histogram,
+    /// Per route (indexed by [`super::route::Route::index`]: public, LAN): the requests sent
+    /// that way and their body bytes.
+    pub routes: [RouteTotals; 2],
+    /// Changes between the LAN and the public route.
+    pub route_switches: AtomicU64,
+}
+
+/// What went one route.
+#[derive(Debug, Default)]
+pub struct RouteTotals {
+    /// Requests sent this way.
+    pub requests: AtomicU64,
+    /// Body bytes from clients to the upstream.
+    pub bytes_up: AtomicU64,
+    /// Body bytes from the upstream to clients.
+    pub bytes_down: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the latency histogram's buckets.

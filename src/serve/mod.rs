@@ -142,6 +142,10 @@ impl LiveSite {
             // Without a known address, no Host can be matched: refuse everything rather than guess.
             None => Guards::refuse_all(),
         };
+        // A profile with a LAN route finds out at once whether it is at home.
+        if let Some(routes) = site.proxy.routes() {
+            routes.try_in_background();
+        }
         Self {
             proxy: site.proxy.clone(),
             guards,

@@ -22,9 +22,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-pub use self::pool::{BoxError, Lane, Pool, SendError, UpstreamBody, WeakPool, origin};
+pub use self::pool::{BoxError, Lane, Pool, SendError, Unanswered, UpstreamBody, WeakPool, origin};
 pub use self::tls::{CertificateRequest, ClientAuth, HandshakeWitness, TlsTrust, spki_sha256};
 
 /// Timeouts and pool settings for the upstream client.
@@ -36,6 +37,12 @@ pub struct ClientOptions {
     pub pool_idle_timeout: Duration,
     /// How many idle connections are kept.
     pub pool_max_idle: usize,
+    /// How long a TCP connect to a profile's LAN address may take before the proxy takes
+    /// itself to be away from home (a LAN answers in a few milliseconds).
+    pub lan_connect_timeout: Duration,
+    /// How often, at most, the LAN route is tried again while requests flow on the public
+    /// route (never while idle).
+    pub lan_probe_every: Duration,
 }
 
 impl Default for ClientOptions {
@@ -44,6 +51,8 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(60),
             pool_max_idle: 64,
+            lan_connect_timeout: Duration::from_millis(300),
+            lan_probe_every: Duration::from_secs(30),
         }
     }
 }
@@ -54,6 +63,9 @@ impl Default for ClientOptions {
 pub struct Connector {
     tls: Arc<ClientConfig>,
     tcp: HttpConnector<Resolver>,
+    /// The name sent as SNI and verified, when it is not the host connected to (the LAN
+    /// route reaches the public name's server at a LAN address).
+    name: Option<ServerName<'static>>,
 }
 
 /// An upstream connection as the connector makes it (always TLS: the connector is HTTPS only).
@@ -67,7 +79,20 @@ impl Connector {
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(options.connect_timeout));
         tcp.set_keepalive(Some(Duration::from_secs(30)));
-        Self { tls, tcp }
+        Self {
+            tls,
+            tcp,
+            name: None,
+        }
+    }
+
+    /// This connector, connecting to whatever address it is given but speaking TLS with the
+    /// server as `name` (SNI and certificate check): the LAN route to the public name's server.
+    /// Its TCP connects time out after `connect_timeout`.
+    pub fn under_name(mut self, name: ServerName<'static>, connect_timeout: Duration) -> Self {
+        self.tcp.set_connect_timeout(Some(connect_timeout));
+        self.name = Some(name);
+        self
     }
 
     /// Connects to `origin` (`https://host:port`); says what the handshake saw of client
@@ -78,11 +103,16 @@ impl Connector {
     ) -> Result<(Connection, CertificateRequest), (BoxError, CertificateRequest)> {
         // A configuration per connection: its witness sees this handshake only.
         let (config, witness) = HandshakeWitness::watch(&self.tls);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(self.tcp.clone());
+            .https_only();
+        let builder = match &self.name {
+            Some(name) => builder.with_server_name_resolver(
+                hyper_rustls::FixedServerNameResolver::new(name.clone()),
+            ),
+            None => builder,
+        };
+        let https = builder.enable_http1().wrap_connector(self.tcp.clone());
         match tower_service::Service::call(&mut { https }, origin).await {
             Ok(io) => Ok((io, witness.request())),
             Err(err) => Err((err, witness.request())),

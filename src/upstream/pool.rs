@@ -78,6 +78,24 @@ impl std::fmt::Display for SendError {
     }
 }
 
+/// A request the upstream did not answer: why, and the request itself when none of it was
+/// written (it may then be sent elsewhere; a request that was partly sent never is).
+pub struct Unanswered<B> {
+    /// What went wrong.
+    pub error: SendError,
+    /// The request, when not a byte of it went out.
+    pub unsent: Option<Request<B>>,
+}
+
+impl<B> std::fmt::Debug for Unanswered<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unanswered")
+            .field("error", &self.error)
+            .field("unsent", &self.unsent.is_some())
+            .finish()
+    }
+}
+
 /// Idle upstream connections of one proxy, ready for reuse.
 pub struct Pool<B> {
     inner: Arc<PoolInner<B>>,
@@ -280,7 +298,7 @@ impl<B> Default for Slot<B> {
 impl<B: UpstreamBody> Lane<B> {
     /// Sends `req` upstream (its URI absolute or origin-form; sent in origin-form) and waits
     /// for the response head. The connection must be driven by [`Lane::drive`] meanwhile.
-    pub async fn send(&self, req: Request<B>) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(&self, req: Request<B>) -> Result<Response<Incoming>, Unanswered<B>> {
         let mut req = origin_form(req);
         loop {
             // A fresh connection's handshake record, for naming a failure of its first request.
@@ -291,8 +309,17 @@ impl<B: UpstreamBody> Lane<B> {
                     None => {
                         // Boxed: a rare path that would otherwise make every request's
                         // future (moved a few times per request) larger.
-                        let (sender, conn, certificate) = Box::pin(self.pool.connect()).await?;
-                        (self.install(sender, conn), Some(certificate))
+                        match Box::pin(self.pool.connect()).await {
+                            Ok((sender, conn, certificate)) => {
+                                (self.install(sender, conn), Some(certificate))
+                            }
+                            Err(error) => {
+                                return Err(Unanswered {
+                                    error,
+                                    unsent: Some(req),
+                                });
+                            }
+                        }
                     }
                 },
             };
@@ -301,7 +328,10 @@ impl<B: UpstreamBody> Lane<B> {
                 if fresh.is_none() {
                     continue;
                 }
-                return Err(SendError::new(err, fresh));
+                return Err(Unanswered {
+                    error: SendError::new(err, fresh),
+                    unsent: Some(req),
+                });
             }
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -316,7 +346,12 @@ impl<B: UpstreamBody> Lane<B> {
                     match err.take_message() {
                         // Not written: the connection had closed. Another one gets it.
                         Some(back) if fresh.is_none() => req = back,
-                        _ => return Err(SendError::new(err.into_error(), fresh)),
+                        unsent => {
+                            return Err(Unanswered {
+                                error: SendError::new(err.into_error(), fresh),
+                                unsent,
+                            });
+                        }
                     }
                 }
             }
@@ -605,7 +640,7 @@ mod tests {
         let request = Request::get("https://127.0.0.1/")
             .body(NoBody)
             .expect("a request");
-        let response = lane.send(request).await?;
+        let response = lane.send(request).await.map_err(|u| u.error)?;
         assert_eq!(response.status(), StatusCode::OK);
         let body = response
             .into_body()

@@ -6,6 +6,7 @@ pub mod immich_api;
 pub mod mock;
 pub mod nginx;
 pub mod pki;
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::time::Duration;
