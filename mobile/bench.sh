@@ -6,7 +6,8 @@
 # gated host (`bench_host upstream`, a separate process, so it is not counted).
 #
 # Knobs (environment): CARGO_TARGET_DIR, REQUESTS through the proxy (1000), IDLE seconds for the
-# CPU and wake-up window (30).
+# CPU and wake-up window (30), BENCH_LAN (unset) a LAN address for the profile (e.g.
+# 127.0.0.1:PORT of the stand-in, or a refused one): the idle figures then hold with a LAN route.
 #
 # The size-tuned profile is defined here on the command line (`--config`), so the workspace's
 # Cargo.toml keeps one set of profiles: `mobile` = release + opt-level "z", fat LTO, one codegen
