@@ -179,6 +179,15 @@ async fn an_upload_cut_on_the_lan_is_not_sent_again_the_public_way() {
     let (response, body) = collect(sender.send_request(request).await.unwrap()).await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(json(&body)["source"], "credproxy");
+    // The message names the route that failed: the public address may be fine.
+    let message = json(&body)["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains(&format!("by the LAN route {}", lan.addr)),
+        "{message}"
+    );
     assert_eq!(
         public.carried.bytes_up.load(Ordering::SeqCst),
         0,

@@ -67,6 +67,15 @@ impl Exchange {
         self.route.store(route.index() as u8 + 1, Ordering::Relaxed);
     }
 
+    /// The route the request was sent, if it was sent.
+    pub fn route(&self) -> Option<Route> {
+        match self.route.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some(Route::Public),
+            _ => Some(Route::Lan),
+        }
+    }
+
     /// Counts bytes moved outside a body (an upgraded connection).
     pub fn add(&self, direction: Direction, bytes: u64) {
         match direction {

@@ -587,12 +587,20 @@ impl Inner {
 
     fn upstream_failure(&self, exchange: &Exchange, err: &SendError) -> Response<ResponseBody> {
         self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-        let server = &self.settings.server;
+        // A request that failed on the LAN route names it: the public address may be fine.
+        let server = match (&self.lan, exchange.route()) {
+            (Some((routes, _)), Some(Route::Lan)) => format!(
+                "{} (by the LAN route {})",
+                self.settings.server,
+                routes.lan_authority()
+            ),
+            _ => self.settings.server.to_string(),
+        };
         let (status, code, message, fix) = match err.failure() {
             Failure::Dns(detail) => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_dns",
-                format!("cannot resolve {}: {detail}", server.host()),
+                format!("cannot resolve {}: {detail}", self.settings.server.host()),
                 "check the server name and this machine's DNS".to_owned(),
             ),
             Failure::Connect(detail) => (

@@ -82,6 +82,13 @@ pub struct Routes {
     why: Mutex<(String, SystemTime)>,
 }
 
+impl Routes {
+    /// The LAN address, as messages name it (`192.168.1.10:443`).
+    pub fn lan_authority(&self) -> &str {
+        self.lan.authority().as_str()
+    }
+}
+
 /// Where a profile with a LAN address stands: what `/healthz`, `doctor` and apps show.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RouteStatus {
