@@ -6,8 +6,10 @@
 # gated host (`bench_host upstream`, a separate process, so it is not counted).
 #
 # Knobs (environment): CARGO_TARGET_DIR, REQUESTS through the proxy (1000), IDLE seconds for the
-# CPU and wake-up window (30), BENCH_LAN (unset) a LAN address for the profile (e.g.
-# 127.0.0.1:PORT of the stand-in, or a refused one): the idle figures then hold with a LAN route.
+# CPU and wake-up window (30), BENCH_LAN (unset) a LAN route for the profile: `stand-in` (the
+# stand-in's own address, 127.0.0.1:PORT, verified as `localhost`: the route at home) or an
+# address (a refused one, e.g. 127.0.0.1:9, is the route away): the idle figures then hold with a
+# LAN route configured, and the table names the route the requests took.
 #
 # The size-tuned profile is defined here on the command line (`--config`), so the workspace's
 # Cargo.toml keeps one set of profiles: `mobile` = release + opt-level "z", fat LTO, one codegen
@@ -54,6 +56,7 @@ pids+=($!)
 exec 3>"$work/up.in" 4<"$work/up.out"
 read -r BENCH_URL BENCH_PASSWORD <&4
 export BENCH_URL BENCH_PASSWORD
+[ "${BENCH_LAN:-}" != stand-in ] || export BENCH_LAN="127.0.0.1:${BENCH_URL##*:}"
 log "upstream stand-in at $BENCH_URL"
 
 "$HOST" proxy <"$work/px.in" >"$work/px.out" &
@@ -103,7 +106,7 @@ ticks1=$(cpu_ticks); switches >"$work/sw1"
 rss_idle=$(rss_kib)
 clk=$(getconf CLK_TCK)
 exec 5>&-
-read -r _ served served_bytes <&6
+read -r _ served served_bytes route <&6
 [ "$served" -eq $((REQUESTS + 1)) ] || { log "the proxy counted $served requests, expected $((REQUESTS + 1))"; exit 1; }
 
 read -r cold_ret cold_conn <<<"${figure[cold_start_us]}"
@@ -119,7 +122,7 @@ cat <<EOF
 | start_proxy() to listening, first start in the process | $((cold_ret / 1000)).$(( (cold_ret % 1000) / 100 )) ms (connect accepted at $((cold_conn / 1000)).$(( (cold_conn % 1000) / 100 )) ms) |
 | start_proxy() to listening, median of 50 later starts | $warm_ret µs (connect accepted at $warm_conn µs) |
 | RSS of the process, idle right after start | $((rss_fresh / 1024)).$(( (rss_fresh % 1024) * 10 / 1024 )) MiB, $threads_fresh threads |
-| RSS after $REQUESTS requests in $traffic_ms ms (proxy counted $served, $served_bytes bytes down) | $((rss_busy / 1024)).$(( (rss_busy % 1024) * 10 / 1024 )) MiB, $threads_busy threads |
+| RSS after $REQUESTS requests in $traffic_ms ms (proxy counted $served, $served_bytes bytes down; LAN route: ${BENCH_LAN:-none}, route in use: $route) | $((rss_busy / 1024)).$(( (rss_busy % 1024) * 10 / 1024 )) MiB, $threads_busy threads |
 | RSS after $((IDLE + 12)) s idle | $((rss_idle / 1024)).$(( (rss_idle % 1024) * 10 / 1024 )) MiB, $threads_settled threads |
 | CPU used in ${IDLE} s idle | $((ticks1 - ticks0)) ticks of 1/$clk s |
 | context switches (wake-ups) in ${IDLE} s idle, all threads | $(wakeups "$work/sw0" "$work/sw1") |

@@ -106,7 +106,12 @@ fn proxy() -> Result<()> {
     // Idle: a blocking read, so the only threads that could wake are the library's.
     for _ in std::io::stdin().lock().lines() {}
     let stats = handle.stats();
-    println!("served {} {}", stats.requests, stats.bytes_down);
+    println!(
+        "served {} {} {}",
+        stats.requests,
+        stats.bytes_down,
+        stats.route.as_deref().unwrap_or("none")
+    );
     handle.stop();
     Ok(())
 }
