@@ -5,8 +5,8 @@
 # before and after traffic. Everything runs on loopback: the upstream is the library's stand-in
 # gated host (`bench_host upstream`, a separate process, so it is not counted).
 #
-# Knobs (environment): CARGO_TARGET_DIR, REQUESTS through the proxy (1000), IDLE seconds for the
-# CPU and wake-up window (30), BENCH_LAN (unset) a LAN route for the profile: `stand-in` (the
+# Knobs (environment): CARGO_TARGET_DIR, REQUESTS through the proxy (1000), IDLE seconds for each
+# of the two CPU and wake-up windows (30), BENCH_LAN (unset) a LAN route for the profile: `stand-in` (the
 # stand-in's own address, 127.0.0.1:PORT, verified as `localhost`: the route at home) or an
 # address (a refused one, e.g. 127.0.0.1:9, is the route away): the idle figures then hold with a
 # LAN route configured, and the table names the route the requests took.
@@ -96,14 +96,18 @@ traffic_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
 rss_busy=$(rss_kib)
 threads_busy=$(threads)
 
-# Idle: no request for IDLE seconds; count CPU ticks and context switches (wake-ups). The
-# window starts after the runtime's blocking thread (used for DNS) has timed out (10 s).
+# Idle: no request for two windows of IDLE seconds each; count CPU ticks and context switches
+# (wake-ups) in each. The first starts after the runtime's blocking thread (used for DNS) has
+# timed out (10 s) and holds the one-off closing of the pooled upstream connections (60 s
+# after their last use); the second is the idle that follows, which must have none.
 sleep 12
 threads_settled=$(threads)
 ticks0=$(cpu_ticks); switches >"$work/sw0"
 sleep "$IDLE"
 ticks1=$(cpu_ticks); switches >"$work/sw1"
 rss_idle=$(rss_kib)
+sleep "$IDLE"
+ticks2=$(cpu_ticks); switches >"$work/sw2"
 clk=$(getconf CLK_TCK)
 exec 5>&-
 read -r _ served served_bytes route <&6
@@ -124,6 +128,8 @@ cat <<EOF
 | RSS of the process, idle right after start | $((rss_fresh / 1024)).$(( (rss_fresh % 1024) * 10 / 1024 )) MiB, $threads_fresh threads |
 | RSS after $REQUESTS requests in $traffic_ms ms (proxy counted $served, $served_bytes bytes down; LAN route: ${BENCH_LAN:-none}, route in use: $route) | $((rss_busy / 1024)).$(( (rss_busy % 1024) * 10 / 1024 )) MiB, $threads_busy threads |
 | RSS after $((IDLE + 12)) s idle | $((rss_idle / 1024)).$(( (rss_idle % 1024) * 10 / 1024 )) MiB, $threads_settled threads |
-| CPU used in ${IDLE} s idle | $((ticks1 - ticks0)) ticks of 1/$clk s |
-| context switches (wake-ups) in ${IDLE} s idle, all threads | $(wakeups "$work/sw0" "$work/sw1") |
+| CPU used in the first ${IDLE} s idle | $((ticks1 - ticks0)) ticks of 1/$clk s |
+| context switches (wake-ups) in the first ${IDLE} s idle, all threads | $(wakeups "$work/sw0" "$work/sw1") |
+| CPU used in the next ${IDLE} s idle | $((ticks2 - ticks1)) ticks of 1/$clk s |
+| context switches (wake-ups) in the next ${IDLE} s idle, all threads | $(wakeups "$work/sw1" "$work/sw2") |
 EOF
