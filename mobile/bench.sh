@@ -5,11 +5,11 @@
 # before and after traffic. Everything runs on loopback: the upstream is the library's stand-in
 # gated host (`bench_host upstream`, a separate process, so it is not counted).
 #
-# Knobs (environment): CARGO_TARGET_DIR, REQUESTS through the proxy (1000), IDLE seconds for each
-# of the two CPU and wake-up windows (30), BENCH_LAN (unset) a LAN route for the profile: `stand-in` (the
-# stand-in's own address, 127.0.0.1:PORT, verified as `localhost`: the route at home) or an
-# address (a refused one, e.g. 127.0.0.1:9, is the route away): the idle figures then hold with a
-# LAN route configured, and the table names the route the requests took.
+# Knobs (environment): CARGO_TARGET_DIR, REQUESTS through the proxy (1000), IDLE seconds for
+# each of the two CPU and wake-up windows (30), BENCH_LAN (unset) a LAN route for the profile:
+# `stand-in` (the stand-in's own address, 127.0.0.1:PORT, verified as `localhost`: the route
+# at home) or an address (a refused one, e.g. 127.0.0.1:9, is the route away): the idle figures
+# then hold with a LAN route configured, and the table names the route the requests took.
 #
 # The size-tuned profile is defined here on the command line (`--config`), so the workspace's
 # Cargo.toml keeps one set of profiles: `mobile` = release + opt-level "z", fat LTO, one codegen
@@ -99,7 +99,7 @@ threads_busy=$(threads)
 # Idle: no request for two windows of IDLE seconds each; count CPU ticks and context switches
 # (wake-ups) in each. The first starts after the runtime's blocking thread (used for DNS) has
 # timed out (10 s) and holds the one-off closing of the pooled upstream connections (60 s
-# after their last use); the second is the idle that follows, which must have none.
+# after their last use); the second is the steady idle that follows (0 and 0 when nothing polls).
 sleep 12
 threads_settled=$(threads)
 ticks0=$(cpu_ticks); switches >"$work/sw0"
