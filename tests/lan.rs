@@ -1,10 +1,15 @@
 //! Home and away: a profile whose server is also at a LAN address. The "public" route reaches
 //! the mock gated host through a delaying, bandwidth-limited relay; the "LAN" route reaches the
 //! same host (same certificate name) through a plain relay that a test can take down and bring
-//! back. A LAN address whose host has another certificate is never sent a request.
+//! back. A LAN address whose host has another certificate is never sent a request. A LAN
+//! address that vanishes without a word (the laptop left home) is found out within the
+//! silence timeout, in a network namespace of the test's own.
 
 mod common;
 
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -35,6 +40,19 @@ async fn proxy_with_lan(
     lan: std::net::SocketAddr,
     probe_every: Duration,
 ) -> RunningProxy {
+    proxy_with_lan_and(mock, public, lan, |settings| {
+        settings.client.lan_probe_every = probe_every;
+    })
+    .await
+}
+
+/// As [`proxy_with_lan`], with settings as `adjust` leaves them.
+async fn proxy_with_lan_and(
+    mock: &Mock,
+    public: &Relay,
+    lan: std::net::SocketAddr,
+    adjust: impl FnOnce(&mut ProxySettings),
+) -> RunningProxy {
     let mut profile = profile_at(
         &format!("https://localhost:{}", public.addr.port()),
         &mock.username,
@@ -42,7 +60,7 @@ async fn proxy_with_lan(
     );
     profile.lan = Some(LanRoute::parse(&lan.to_string(), &[], None).unwrap());
     let mut settings = ProxySettings::for_profile(&profile, profile.login_command(None)).unwrap();
-    settings.client.lan_probe_every = probe_every;
+    adjust(&mut settings);
     let secret = Secret::new(mock.password.clone());
     let proxy = Proxy::with_secret(settings, &Scheme::Basic, &secret).unwrap();
     start_site(Site::new(proxy), ServeOptions::default()).await
@@ -250,4 +268,104 @@ async fn client_certificates_and_header_schemes_work_on_the_lan_route() {
     assert_eq!(seen.headers["cf-access-client-secret"], "cf-secret");
     assert_eq!(public.carried.bytes_up.load(Ordering::SeqCst), 0);
     assert_eq!(route(&proxy).lan_requests, 1);
+}
+
+/// The LAN address in the test's own network namespace: on its loopback until the test takes
+/// it away.
+const LAN_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
+
+/// Runs `test` in a network namespace of its own (this thread's, and so of everything it
+/// starts: the mock, the relays, the proxy, `ip`), with loopback up and [`LAN_IP`] on it.
+fn in_a_network_of_its_own(test: impl Future<Output = ()>) {
+    // SAFETY: unshare(2) with CLONE_NEWNET moves only the calling thread to a new namespace.
+    let unshared = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        unshared,
+        0,
+        "a network namespace of the test's own needs root (CAP_SYS_ADMIN), as tests/run has: {}",
+        std::io::Error::last_os_error()
+    );
+    ip(&["link", "set", "lo", "up"]);
+    ip(&["addr", "add", &format!("{LAN_IP}/32"), "dev", "lo"]);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(test);
+}
+
+/// Runs iproute2's `ip` with `args` (in the test's namespace).
+fn ip(args: &[&str]) {
+    let program = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .unwrap_or("ip");
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|err| panic!("cannot run {program} (iproute2): {err}"));
+    assert!(status.success(), "ip {args:?}: {status}");
+}
+
+#[test]
+fn a_lan_that_goes_silent_fails_one_request_within_the_silence_timeout_then_requests_go_public() {
+    in_a_network_of_its_own(async {
+        let mock = Mock::start().await;
+        let public = Relay::start(mock.addr, UPLINK).await;
+        let lan = Relay::start_on(IpAddr::V4(LAN_IP), mock.addr, Shape::default()).await;
+        let silence = Duration::from_secs(1);
+        let proxy = proxy_with_lan_and(&mock, &public, lan.addr, |settings| {
+            settings.client.silence_timeout = silence;
+        })
+        .await;
+        let mut client = connect::<Full<Bytes>>(proxy.addr).await;
+        let request = |body: &'static [u8]| {
+            Request::post("/upload")
+                .header("host", proxy.addr.to_string())
+                .body(Full::new(Bytes::from_static(body)))
+                .unwrap()
+        };
+        let (response, _) = collect(client.send_request(request(b"home")).await.unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(route(&proxy).route, "lan");
+
+        // The laptop leaves home: the LAN address is gone. Nothing closes or resets the open
+        // LAN connection; what is sent on it is just never acknowledged.
+        ip(&["addr", "del", &format!("{LAN_IP}/32"), "dev", "lo"]);
+        let left = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(20),
+            client.send_request(request(b"left")),
+        )
+        .await
+        .expect("no answer 20 s after the LAN went silent (TCP alone waits ~15 min)");
+        let (response, body) = collect(answer.unwrap()).await;
+        // Written on the LAN connection: not sent again the public way, and said so.
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT, "{body:?}");
+        let message = json(&body)["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains("went silent"), "{message}");
+        assert!(
+            message.contains(&format!("by the LAN route {}", lan.addr)),
+            "{message}"
+        );
+        assert!(
+            left.elapsed() >= silence,
+            "failed before the silence timeout"
+        );
+
+        // The next requests go the public way without an error.
+        for _ in 0..2 {
+            let (response, body) =
+                collect(client.send_request(request(b"away")).await.unwrap()).await;
+            assert_eq!(response.status(), StatusCode::OK, "{body:?}");
+        }
+        let status = route(&proxy);
+        assert_eq!(status.route, "public", "{status:?}");
+        assert!(status.why.contains("cannot be reached"), "{status:?}");
+        assert_eq!(status.public_requests, 2, "{status:?}");
+        assert!(public.carried.bytes_up.load(Ordering::SeqCst) > 0);
+    });
 }

@@ -43,6 +43,14 @@ pub struct ClientOptions {
     /// How often, at most, the LAN route is tried again while requests flow on the public
     /// route (never while idle).
     pub lan_probe_every: Duration,
+    /// How long what was sent on a connection may stay unacknowledged, or its keep-alive
+    /// probes unanswered, before the connection counts as dead (`TCP_USER_TIMEOUT`, Linux and
+    /// Android): the path broke, as when a laptop moves from home to a café. Without it the
+    /// system waits about a quarter of an hour. A server slow to answer is not affected (its
+    /// system acknowledges what it receives, however long the answer takes); one that stops
+    /// reading an upload for this long is given up on, as nginx's `proxy_send_timeout` (also
+    /// 60 s by default) gives up on it.
+    pub silence_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -53,12 +61,14 @@ impl Default for ClientOptions {
             pool_max_idle: 64,
             lan_connect_timeout: Duration::from_millis(300),
             lan_probe_every: Duration::from_secs(30),
+            silence_timeout: Duration::from_secs(60),
         }
     }
 }
 
-/// Opens upstream connections: our own name lookup, TCP with no delay and keep-alive, then
-/// TLS (hyper-rustls), each handshake watched by a [`HandshakeWitness`] of its own.
+/// Opens upstream connections: our own name lookup, TCP with no delay, keep-alive and a bound
+/// on silence, then TLS (hyper-rustls), each handshake watched by a [`HandshakeWitness`] of
+/// its own.
 #[derive(Clone)]
 pub struct Connector {
     tls: Arc<ClientConfig>,
@@ -78,7 +88,12 @@ impl Connector {
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(Some(options.connect_timeout));
+        // An idle connection whose path broke is found by its keep-alive probes going
+        // unanswered (first after 30 s idle, then every 10 s until the silence timeout).
         tcp.set_keepalive(Some(Duration::from_secs(30)));
+        tcp.set_keepalive_interval(Some(Duration::from_secs(10)));
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        tcp.set_tcp_user_timeout(Some(options.silence_timeout));
         Self {
             tls,
             tcp,
@@ -219,7 +234,12 @@ pub fn describe_failure(
         detail = e.to_string();
         if let Some(io) = e.downcast_ref::<io::Error>() {
             match io.kind() {
-                io::ErrorKind::TimedOut => timed_out = true,
+                io::ErrorKind::TimedOut => {
+                    timed_out = true;
+                    if went_silent(io) {
+                        detail = "the connection went silent: what was sent was not taken in time (the network path broke, as when this machine changes networks, or the server stopped reading)".to_owned();
+                    }
+                }
                 io::ErrorKind::ConnectionRefused
                 | io::ErrorKind::HostUnreachable
                 | io::ErrorKind::NetworkUnreachable
@@ -248,6 +268,19 @@ pub fn describe_failure(
             "asked for a client certificate and closed the connection without a TLS alert once it had the certificate: it does not accept it (not issued by a CA it trusts, expired or revoked; its log says which)",
         ),
         _ => Failure::Other(detail),
+    }
+}
+
+/// Whether `io` is the system's own timeout of an open connection (`ETIMEDOUT`: the silence
+/// timeout or unanswered keep-alive probes), not a timeout of ours.
+fn went_silent(io: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        io.raw_os_error() == Some(libc::ETIMEDOUT)
+    }
+    #[cfg(not(unix))]
+    {
+        io.raw_os_error().is_some()
     }
 }
 
@@ -319,6 +352,14 @@ mod tests {
             describe_failure(&slow, None),
             Failure::Timeout("connect timeout".to_owned())
         );
+        #[cfg(unix)]
+        {
+            let silent = Outer(Box::new(io::Error::from_raw_os_error(libc::ETIMEDOUT)));
+            let Failure::Timeout(said) = describe_failure(&silent, None) else {
+                panic!("not a timeout");
+            };
+            assert!(said.contains("network path broke"), "{said}");
+        }
         let tls = Outer(Box::new(io::Error::new(
             io::ErrorKind::InvalidData,
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),

@@ -41,7 +41,12 @@ pub struct Relay {
 impl Relay {
     /// A relay on 127.0.0.1:0 to `target`.
     pub async fn start(target: SocketAddr, shape: Shape) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST.into(), target, shape).await
+    }
+
+    /// A relay on `ip` (a local address), port 0, to `target`.
+    pub async fn start_on(ip: std::net::IpAddr, target: SocketAddr, shape: Shape) -> Relay {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         Self::serve(listener, target, shape, Arc::default())
     }
 
