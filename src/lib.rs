@@ -25,9 +25,11 @@
 //!   keyring and in-memory stores, and the auth schemes.
 //! - [`error`]: the core error types; they know nothing of the command line.
 //!
-//! Three small private helpers sit under everything: `sync` (a poison-tolerant lock),
-//! `memory` (handing freed heap pages back to the system) and `utc` (timestamps as text).
+//! Four small private helpers sit under everything: `sync` (a poison-tolerant lock),
+//! `memory` (handing freed heap pages back to the system), `utc` (timestamps as text) and
+//! `asleep` (noticing that the machine slept, so connections from before are not trusted).
 
+mod asleep;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;

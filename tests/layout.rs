@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Top to bottom, as in `src/lib.rs`: each module may use only the ones after it.
-const LAYERS: [&str; 13] = [
+const LAYERS: [&str; 14] = [
     "cli",
     "embed",
     "ops",
@@ -17,6 +17,7 @@ const LAYERS: [&str; 13] = [
     "config",
     "credentials",
     "error",
+    "asleep",
     "memory",
     "sync",
     "utc",

@@ -13,14 +13,21 @@
 //! once per probe interval: never while idle, so a phone is not woken for it. A try is one
 //! connect and handshake, bounded in time; a LAN that does not accept the connect within
 //! [`ClientOptions::lan_connect_timeout`](crate::upstream::ClientOptions) means away.
+//!
+//! A laptop that slept may wake somewhere else. Connections from before the sleep are not
+//! used again (see [`crate::upstream::Pool`]): at home, the next request opens a new LAN
+//! connection, and one that does not connect within the bound goes the public way; while
+//! away, the first request after the sleep starts a try of the LAN route at once, as the
+//! laptop may have come home.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::Uri;
 
 use super::Stats;
+use crate::asleep::Moment;
 use crate::config::ServerUrl;
 use crate::upstream::{Connector, Failure};
 
@@ -76,6 +83,8 @@ pub struct Routes {
     /// When the last try began, in milliseconds after `born`.
     last_try: AtomicU64,
     probe_every: Duration,
+    /// When the last request chose its route, for noticing that the machine slept since.
+    chosen: AtomicI64,
     /// Counts the changes between home and away (across reloads).
     stats: Arc<Stats>,
     /// Why requests take the route they take, and since when.
@@ -139,6 +148,7 @@ impl Routes {
             born: Instant::now(),
             last_try: AtomicU64::new(0),
             probe_every,
+            chosen: AtomicI64::new(Moment::now().to_raw()),
             stats,
             why: Mutex::new(("not tried yet".to_owned(), SystemTime::now())),
         }
@@ -147,13 +157,23 @@ impl Routes {
     /// The route for the next request; while away, starts a try of the LAN route when one
     /// is due (on the calling runtime, without waiting for it).
     pub fn choose(self: &Arc<Self>) -> Route {
+        let now = Moment::now();
+        let before = Moment::from_raw(self.chosen.swap(now.to_raw(), Ordering::Relaxed));
+        let woke = before.slept_before(now);
         if self.state.load(Ordering::Relaxed) != AWAY {
             return Route::Lan;
         }
         let since_last = self
             .now_ms()
             .saturating_sub(self.last_try.load(Ordering::Relaxed));
-        if u128::from(since_last) >= self.probe_every.as_millis() {
+        if woke || u128::from(since_last) >= self.probe_every.as_millis() {
+            if woke {
+                tracing::info!(
+                    "profile '{}': this machine slept; trying the LAN route {} again (it may be home)",
+                    self.profile,
+                    self.lan.authority()
+                );
+            }
             self.try_in_background();
         }
         Route::Public
@@ -299,6 +319,66 @@ fn lan_failure(failure: &Failure, public_host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::{ClientOptions, TlsTrust};
+
+    /// The route state of a profile whose LAN address refuses connections, tried again at
+    /// most every hour while requests flow.
+    fn routes_with_a_refusing_lan() -> Arc<Routes> {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let lan = closed.local_addr().expect("its address");
+        drop(closed);
+        let tls = TlsTrust::public()
+            .client_config(&[], None)
+            .expect("a client configuration");
+        let name = rustls::pki_types::ServerName::try_from("immich.example.com").expect("a name");
+        let connector = Connector::new(tls, &ClientOptions::default())
+            .under_name(name, Duration::from_millis(300));
+        Arc::new(Routes::new(
+            "home".to_owned(),
+            ServerUrl::parse("https://immich.example.com").expect("a URL"),
+            ServerUrl::parse(&format!("https://{lan}")).expect("a URL"),
+            connector,
+            Duration::from_secs(3600),
+            Arc::default(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn away_the_first_request_after_a_sleep_tries_the_lan_route_at_once() {
+        let routes = routes_with_a_refusing_lan();
+        assert!(!routes.try_lan().await, "the LAN route refuses");
+        assert_eq!(routes.current(), Route::Public);
+        // Awake, within the probe interval: no try.
+        assert_eq!(routes.choose(), Route::Public);
+        assert!(
+            !routes.trying.load(Ordering::Acquire),
+            "tried while not due"
+        );
+        // The machine slept since the last request: the next one starts a try.
+        let before = Moment::from_raw(routes.chosen.load(Ordering::Relaxed));
+        routes.chosen.store(
+            before.before_sleeping(Duration::from_secs(600)).to_raw(),
+            Ordering::Relaxed,
+        );
+        assert_eq!(routes.choose(), Route::Public, "this request goes public");
+        assert!(
+            routes.trying.load(Ordering::Acquire),
+            "no try of the LAN route after the sleep"
+        );
+        // Only once: the next request is awake again.
+        for _ in 0..1_000_000 {
+            if !routes.trying.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !routes.trying.load(Ordering::Acquire),
+            "the try never ended"
+        );
+        assert_eq!(routes.choose(), Route::Public);
+        assert!(!routes.trying.load(Ordering::Acquire), "tried again");
+    }
 
     #[test]
     fn a_foreign_lan_host_is_named_with_the_fix() {

@@ -11,6 +11,10 @@
 //! do with keep-alive connections) is sent again on another one; a request that was written
 //! is never sent twice.
 //!
+//! A connection last used before the machine slept is not used again, pooled or in a lane:
+//! the laptop may have woken on another network, where it leads nowhere and a request
+//! written to it would wait for the silence timeout before failing.
+//!
 //! Kept over hyper-util's pooled client for its A/B figure (bench/README.md): the same
 //! requests/s, about 2 MiB less peak memory and 5–8 % fewer instructions per request.
 
@@ -28,6 +32,7 @@ use hyper::client::conn::http1;
 use tokio::time::Instant;
 
 use super::{CertificateRequest, Connector, Failure};
+use crate::asleep::Moment;
 use crate::sync::lock;
 
 /// The error type of the bodies and connections of the upstream client.
@@ -120,6 +125,8 @@ struct Idle<B> {
     sender: Sender<B>,
     conn: Conn,
     since: Instant,
+    /// When it was parked, for noticing a sleep since (`since` stops while asleep).
+    parked: Moment,
 }
 
 impl<B> Clone for Pool<B> {
@@ -189,7 +196,10 @@ impl<B: UpstreamBody> PoolInner<B> {
     fn take_idle(&self) -> Option<(Sender<B>, Conn)> {
         loop {
             let mut idle = lock(&self.idle).conns.pop_back()?;
-            if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
+            if idle.since.elapsed() >= self.idle_timeout
+                || idle.parked.slept_since()
+                || idle.sender.is_closed()
+            {
                 continue;
             }
             // One poll lets the connection notice a close that arrived while it was parked
@@ -227,6 +237,7 @@ impl<B: UpstreamBody> PoolInner<B> {
             sender,
             conn,
             since: Instant::now(),
+            parked: Moment::now(),
         });
         while idle.conns.len() > self.max_idle {
             idle.conns.pop_front();
@@ -283,6 +294,8 @@ struct Slot<B> {
     conn: Option<Conn>,
     /// The client connection's task, woken when a new connection needs its first poll.
     waker: Option<Waker>,
+    /// When the connection last gave an answer, for noticing a sleep since.
+    used: Moment,
 }
 
 impl<B> Default for Slot<B> {
@@ -291,6 +304,7 @@ impl<B> Default for Slot<B> {
             sender: None,
             conn: None,
             waker: None,
+            used: Moment::now(),
         }
     }
 }
@@ -338,6 +352,7 @@ impl<B: UpstreamBody> Lane<B> {
                     let mut slot = lock(&self.slot);
                     if slot.conn.is_some() {
                         slot.sender = Some(sender);
+                        slot.used = Moment::now();
                     }
                     return Ok(response);
                 }
@@ -390,7 +405,8 @@ impl<B: UpstreamBody> Lane<B> {
 
     fn take_sender(&self) -> Option<Sender<B>> {
         let mut slot = lock(&self.slot);
-        if slot.conn.is_none() {
+        if slot.conn.is_none() || (slot.sender.is_some() && slot.used.slept_since()) {
+            slot.conn = None;
             slot.sender = None;
         }
         slot.sender.take()
@@ -725,6 +741,67 @@ mod tests {
         );
         assert_eq!(pool.idle_count(), 0);
         assert_eq!(get_once(&pool).await, "second");
+    }
+
+    /// Serves "first" on one connection and "second" on a second one, then says whether the
+    /// first one was closed by the client.
+    fn serve_two_connections(upstream: Upstream) -> tokio::sync::mpsc::UnboundedReceiver<bool> {
+        let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+        upstream.serve(move |upstream| {
+            let mut first = upstream.accept();
+            first.request().expect("the first request");
+            first.respond("first");
+            let mut second = upstream.accept();
+            second.request().expect("the second request");
+            second.respond("second");
+            let _ = closed_tx.send(first.request().is_none());
+            let _ = second.request();
+        });
+        closed
+    }
+
+    #[tokio::test]
+    async fn a_connection_parked_before_the_machine_slept_is_not_handed_out() {
+        let (upstream, pool) = upstream(Duration::from_secs(60), 4);
+        let requests = upstream.requests.clone();
+        let mut closed = serve_two_connections(upstream);
+        assert_eq!(get_once(&pool).await, "first");
+        assert_eq!(pool.idle_count(), 1);
+        // The machine sleeps for ten minutes: the monotonic clock (and `since`) stood still.
+        for idle in &mut lock(&pool.inner.idle).conns {
+            idle.parked = idle.parked.before_sleeping(Duration::from_secs(600));
+        }
+        // The server answers no second request on the first connection: bounded.
+        let second = tokio::time::timeout(Duration::from_secs(10), get_once(&pool)).await;
+        assert_eq!(
+            second.as_deref(),
+            Ok("second"),
+            "not sent on a new connection"
+        );
+        assert_eq!(closed.recv().await, Some(true), "the old one was closed");
+        assert_eq!(requests.load(Ordering::SeqCst), 2, "each request sent once");
+        assert_eq!(pool.idle_count(), 1, "only the new one is kept");
+    }
+
+    #[tokio::test]
+    async fn a_lanes_connection_from_before_a_sleep_is_not_used_again() {
+        let (upstream, pool) = upstream(Duration::from_secs(60), 4);
+        let requests = upstream.requests.clone();
+        let mut closed = serve_two_connections(upstream);
+        let lane = pool.lane();
+        lane.drive(async {
+            assert_eq!(get(&lane).await.expect("the first answer"), "first");
+            {
+                let mut slot = lock(&lane.slot);
+                slot.used = slot.used.before_sleeping(Duration::from_secs(600));
+            }
+            let second = tokio::time::timeout(Duration::from_secs(10), get(&lane)).await;
+            let second = second.expect("not sent on a new connection");
+            assert_eq!(second.expect("the second answer"), "second");
+        })
+        .await;
+        assert_eq!(closed.recv().await, Some(true), "the old one was closed");
+        assert_eq!(requests.load(Ordering::SeqCst), 2, "each request sent once");
     }
 
     #[tokio::test]
