@@ -83,6 +83,14 @@ async fn upload(proxy: &RunningProxy, len: usize) -> (StatusCode, serde_json::Va
     (response.status(), answer)
 }
 
+/// A small upload of `body` to the proxy, for a client connection that sends several.
+fn small_upload(proxy: &RunningProxy, body: &'static [u8]) -> Request<Full<Bytes>> {
+    Request::post("/upload")
+        .header("host", proxy.addr.to_string())
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap()
+}
+
 /// A ping on a connection of its own: the status.
 async fn ping(proxy: &RunningProxy) -> StatusCode {
     common::get(proxy.addr, "/api/server/ping").await.0.status()
@@ -122,12 +130,7 @@ async fn the_lan_going_away_moves_requests_public_without_an_error_and_they_come
     let proxy = proxy_with_lan(&mock, &public, lan.addr, probe_every).await;
     // One client connection for the whole session: its LAN connection is pooled.
     let mut client = connect::<Full<Bytes>>(proxy.addr).await;
-    let request = |body: &'static [u8]| {
-        Request::post("/upload")
-            .header("host", proxy.addr.to_string())
-            .body(Full::new(Bytes::from_static(body)))
-            .unwrap()
-    };
+    let request = |body| small_upload(&proxy, body);
     let (response, _) = collect(client.send_request(request(b"home")).await.unwrap()).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(route(&proxy).route, "lan");
@@ -319,12 +322,7 @@ fn a_lan_that_goes_silent_fails_one_request_within_the_silence_timeout_then_requ
         })
         .await;
         let mut client = connect::<Full<Bytes>>(proxy.addr).await;
-        let request = |body: &'static [u8]| {
-            Request::post("/upload")
-                .header("host", proxy.addr.to_string())
-                .body(Full::new(Bytes::from_static(body)))
-                .unwrap()
-        };
+        let request = |body| small_upload(&proxy, body);
         let (response, _) = collect(client.send_request(request(b"home")).await.unwrap()).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(route(&proxy).route, "lan");
